@@ -1,0 +1,227 @@
+"""The EAGLE/HASS draft head: fc over [embed(x_{t+1}), f_t], one LLaMA-style decoder layer.
+
+Built from `transformers`' LLaMA pieces (RMSNorm, MLP, rotary embedding); only the
+attention call is written here, because HASS training feeds it keys and values from
+several feature levels at once. The target's embedding and lm_head are shared, never
+stored with the draft.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+log = logging.getLogger(__name__)
+
+KV = tuple[torch.Tensor, torch.Tensor]
+_IGNORED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+
+
+class DraftLoadError(RuntimeError):
+    """A draft could not be loaded; the previous draft (if any) stays in use."""
+
+
+def draft_config_for(target_config, **extra) -> LlamaConfig:
+    """A LLaMA config for one draft layer, sized like the target."""
+    tc = target_config
+    heads = tc.num_attention_heads
+    cfg = LlamaConfig(
+        vocab_size=tc.vocab_size,
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        max_position_embeddings=getattr(tc, "max_position_embeddings", 2048),
+        rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+        rope_parameters=dict(getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}),
+        hidden_act=getattr(tc, "hidden_act", "silu"),
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
+    cfg.hass = dict(extra)
+    return cfg
+
+
+class DraftAttention(nn.Module):
+    """Multi-head attention with rotary positions; keys/values may be longer than queries."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> KV:
+        """Keys (rotated) and values of x: [B, kv_heads, n, head_dim] each."""
+        b, n, _ = x.shape
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries from x attend over the given keys/values with an additive or boolean mask."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class DraftLayer(nn.Module):
+    """One decoder layer without the input norm (the fc output is already on feature scale)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        h = x + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DraftHead(nn.Module):
+    """f^_{t+1} = layer(fc(cat(embed(x_{t+1}), f_t))); logits come from the target's lm_head."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layers = nn.ModuleList([DraftLayer(cfg)])
+        self.rotary = LlamaRotaryEmbedding(cfg)
+
+    @property
+    def layer(self) -> DraftLayer:
+        return self.layers[0]
+
+    def fuse(self, features: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat((token_embeds, features.to(token_embeds.dtype)), dim=-1))
+
+    def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
+                past: KV | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """Run n new (feature, token) pairs over `past`; return outputs and the new pairs' K/V.
+
+        `mask` ([B, 1, n, past + n], additive float or boolean) defaults to causal.
+        The caller owns the cache: it decides which of the returned K/V entries to keep.
+        """
+        x = self.fuse(features, token_embeds)
+        cos, sin = self.rotary(x, position_ids)
+        k_new, v_new = self.layer.self_attn.project_kv(x, cos, sin)
+        k, v = (k_new, v_new) if past is None else (torch.cat((past[0], k_new), 2), torch.cat((past[1], v_new), 2))
+        if mask is None:
+            n, total = x.shape[1], k.shape[2]
+            mask = torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
+        out = self.layer.finish(x, self.layer.self_attn.attend(x, cos, sin, k, v, mask))
+        return out, (k_new, v_new)
+
+
+def new_draft(target_config, seed: int = 0, **extra) -> DraftHead:
+    """A randomly initialised draft (useful before training: output stays exact, acceptance is low)."""
+    cfg = draft_config_for(target_config, **extra)
+    gen = torch.Generator().manual_seed(seed)
+    draft = DraftHead(cfg)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, getattr(cfg, "initializer_range", 0.02), generator=gen)
+    return draft
+
+
+# -- files ---------------------------------------------------------------------------------
+def save_draft(draft: DraftHead, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write model.safetensors + config.json atomically (temp file, then rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+             for k, v in draft.state_dict().items() if not k.startswith("rotary.")}
+    cfg = draft.config.to_dict()
+    cfg["architectures"] = ["HassDraftHead"]
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
+    return folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_draft(folder: str | Path, target_config, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> DraftHead:
+    """Load a draft folder (this project's or the official EAGLE/HASS layout) for a target.
+
+    Raises `DraftLoadError` with the reason for anything that does not fit the target.
+    Only safetensors are read: pickled checkpoints are refused, never unpickled.
+    """
+    folder = Path(folder).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DraftLoadError(f"draft folder not found: {folder}")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: pickled checkpoints are not loaded for safety; convert to safetensors)" \
+            if pickled else ""
+        raise DraftLoadError(f"{folder} has no model.safetensors{hint}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DraftLoadError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
+    extra = {}
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        try:
+            extra = json.loads(cfg_path.read_text()).get("hass", {}) or {}
+        except json.JSONDecodeError as exc:
+            raise DraftLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    draft = DraftHead(draft_config_for(target_config, **extra))
+    expected = {k: v.shape for k, v in draft.state_dict().items() if not k.startswith("rotary.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DraftLoadError(f"{weights} does not fit a draft head: missing keys {missing[:6]}, "
+                             f"unexpected keys {unexpected[:6]}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise DraftLoadError(f"{weights}: {k} has shape {tuple(state[k].shape)}, this target needs "
+                                 f"{tuple(shape)} (was the draft trained for another target?)")
+    draft.load_state_dict(state, strict=False)
+    return draft.to(device=device, dtype=dtype).eval()

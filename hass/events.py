@@ -1,0 +1,110 @@
+"""Step events: the one contract between the decoder and everything that shows or measures it.
+
+Plain data only (lists, floats, strings), so the CLI, the benchmark, the app and the plots
+read the same thing and can serialise it as JSON. Aggregates are written once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """One speculative step's tree, root first, in topological order (parents before children)."""
+
+    tokens: list[int]
+    parents: list[int]      # -1 for the root
+    depths: list[int]
+    logp: list[float]       # cumulative draft log-prob (0 for the root)
+    prob: list[float]       # draft probability of the node given its parent (1 for the root)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def children(self, node: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One target forward and what it produced."""
+
+    index: int
+    kind: str                   # "prefill" | "speculative" | "plain"
+    tree: DraftTree | None
+    path: list[int]             # verified node indices, root first (speculative steps)
+    accepted: int               # draft tokens accepted on the path
+    new_tokens: list[int]       # accepted drafts + the target's token
+    sources: list[str]          # per new token: "draft@<depth>" | "bonus" | "target"
+    target_prob: list[float]    # target probability of each new token
+    timings: dict[str, float]   # seconds: draft, verify, other
+    position: int = 0           # tokens in the sequence before this step's new tokens
+    stop_reason: str | None = None   # "eos" | "max_new_tokens" | "context" on the last step
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.timings.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Summary:
+    """Aggregates over a list of steps; the definitions of method.md section 3."""
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    cycles: int = 0
+    tau: float = 1.0
+    accepted_per_depth: list[int] = field(default_factory=list)   # cycles that accepted a token at depth d (d=1..)
+    reached_per_depth: list[int] = field(default_factory=list)    # cycles that tried depth d
+    per_depth_acceptance: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stop_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(steps: list[Step]) -> Summary:
+    """tau = mean new tokens per speculative cycle incl. the bonus (1.0 when there are none).
+
+    Per-depth acceptance at d = P(accepted at depth d | the path reached depth d-1 and the
+    tree had a child there to try).
+    """
+    s = Summary()
+    spec_tokens = 0
+    accepted: dict[int, int] = {}
+    reached: dict[int, int] = {}
+    for st in steps:
+        s.new_tokens += len(st.new_tokens)
+        s.target_forwards += 1
+        s.draft_s += st.timings.get("draft", 0.0)
+        s.verify_s += st.timings.get("verify", 0.0)
+        s.other_s += st.timings.get("other", 0.0)
+        if st.stop_reason:
+            s.stop_reason = st.stop_reason
+        if st.kind != "speculative" or st.tree is None:
+            continue
+        s.cycles += 1
+        spec_tokens += len(st.new_tokens)
+        for d in range(1, st.accepted + 1):
+            accepted[d] = accepted.get(d, 0) + 1
+            reached[d] = reached.get(d, 0) + 1
+        last = st.path[-1] if st.path else 0
+        if st.tree.children(last):
+            d = st.accepted + 1
+            reached[d] = reached.get(d, 0) + 1
+    s.seconds = s.draft_s + s.verify_s + s.other_s
+    s.tau = spec_tokens / s.cycles if s.cycles else 1.0
+    depth = max(reached, default=0)
+    s.accepted_per_depth = [accepted.get(d, 0) for d in range(1, depth + 1)]
+    s.reached_per_depth = [reached.get(d, 0) for d in range(1, depth + 1)]
+    s.per_depth_acceptance = [a / r if r else 0.0 for a, r in zip(s.accepted_per_depth, s.reached_per_depth)]
+    s.tokens_per_s = s.new_tokens / s.seconds if s.seconds > 0 else 0.0
+    return s

@@ -1,0 +1,122 @@
+"""Acceptance along a verified tree: greedy (T = 0) and lossless sampling (T > 0).
+
+Both plain sampling and speculative verification turn logits into probabilities with the
+same `target_probs`, which is what makes the sampling path lossless.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy; top_p in (0, 1]; top_k 0 = off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> "SamplingConfig":
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if not isinstance(t, (int, float)) or not 0 <= t <= 100 or t != t:
+            raise ValueError(f"temperature must be between 0 and 100, got {t!r}")
+        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k (sampling) must be a whole number >= 0 (0 = off), got {k!r}")
+        return self
+
+
+def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, over the last axis (float32)."""
+    logits = logits.float() / max(cfg.temperature, 1e-6)
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p          # mass strictly above each token
+        drop = before >= cfg.top_p                       # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The accepted path (node indices, root first) and the target's next token after it."""
+
+    path: list[int]
+    bonus: int
+    probs: list[float]   # target probability of each accepted draft token, then of the bonus
+
+
+def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
+                  logits: torch.Tensor) -> Verdict:
+    """Longest path whose every token is the target's argmax at its parent.
+
+    tokens/parents/depths: [N]; anc: [N, N] ancestor mask; logits: [N, V] target logits per node.
+    """
+    argmax = logits.argmax(-1)
+    ok = torch.ones_like(tokens, dtype=torch.bool)
+    ok[1:] = tokens[1:] == argmax[parents[1:]]
+    full = (anc & ~ok[None, :]).sum(-1) == 0                # every node on the way is accepted
+    last = int(torch.where(full, depths, -1).argmax())      # at most one fully accepted node per depth
+    path = anc[last].nonzero().flatten()                     # ascending index = root-to-node order
+    probs = torch.softmax(logits.float(), -1)
+    parent_rows = path[:-1]
+    chosen = torch.cat((tokens[path[1:]], argmax[last:last + 1]))
+    p = probs[torch.cat((parent_rows, path[-1:])), chosen]
+    return Verdict(path.tolist(), int(argmax[last]), p.tolist())
+
+
+def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,
+                    generator: torch.Generator | None) -> Verdict:
+    """Walk down the tree: at a node with target distribution p, try its children in draft
+    order, accepting child x with probability p(x) and otherwise zeroing p(x) and
+    renormalising; the bonus is drawn from what is left (method.md section 3).
+
+    Each draft child is a deterministic proposal, so every output token is distributed
+    exactly as plain sampling from the target.
+    """
+    probs = target_probs(logits, cfg)
+    plist = parents.tolist()
+    children: dict[int, list[int]] = {}
+    for i in range(1, len(plist)):
+        children.setdefault(plist[i], []).append(i)   # ascending index = draft order among siblings
+    toks = tokens.tolist()
+    node, path, out_p = 0, [0], []
+    while True:
+        p = probs[node].clone()
+        moved = False
+        for child in children.get(node, []):
+            x = toks[child]
+            px = float(p[x])
+            u = float(torch.rand((), generator=generator))
+            if u < px:
+                out_p.append(float(probs[node, x]))
+                node, moved = child, True
+                path.append(child)
+                break
+            p[x] = 0.0
+            total = float(p.sum())
+            if total <= 0:          # numerically exhausted: fall back to the unmodified target
+                p = probs[node].clone()
+                break
+            p /= total
+        if not moved:
+            bonus = sample(p, generator)
+            out_p.append(float(probs[node, bonus]))
+            return Verdict(path, bonus, out_p)
