@@ -154,10 +154,11 @@ class Target:
         text = "\n".join(str(m["content"]) for m in messages)
         return self.tokenizer.encode(text)
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids; special tokens (end-of-turn and the like) are left out by default."""
         if self.tokenizer is None:
             return " ".join(map(str, ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, ids: list[int]) -> list[str]:
         """The text piece of each token, so highlighting never has to search the output text."""

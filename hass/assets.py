@@ -1,0 +1,44 @@
+"""Where shipped drafts live, and how a `--draft` value becomes a loaded draft head."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .draft import DraftHead, load_draft, new_draft
+from .target import DEFAULT_NAME, Target
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DRAFTS = ASSETS / "drafts"
+SHIPPED = {DEFAULT_NAME: {"hass": "smollm2-135m-hass", "eagle2": "smollm2-135m-eagle2"}}
+
+
+def shipped_draft(target: Target, kind: str = "hass") -> Path | None:
+    """The folder of a shipped draft for this target, if one exists."""
+    name = SHIPPED.get(target.name, {}).get(kind)
+    if name and (DRAFTS / name / "model.safetensors").is_file():
+        return DRAFTS / name
+    return None
+
+
+def resolve_draft(spec: str | None, target: Target, seed: int = 0) -> tuple[DraftHead, str]:
+    """'default' -> the shipped HASS draft (else a random one, with a warning);
+    'hass'/'eagle2' -> that shipped draft; 'none'/'random' -> random; else a folder.
+
+    Returns the draft (on the target's device and dtype) and a label saying what it is.
+    """
+    spec = (spec or "default").strip()
+    if spec in ("default", "hass", "eagle2"):
+        folder = shipped_draft(target, "hass" if spec == "default" else spec)
+        if folder is None:
+            if spec != "default":
+                raise FileNotFoundError(f"no shipped {spec} draft for {target.name} (looked in {DRAFTS})")
+            log.warning("no trained draft ships for %s yet: using a random draft "
+                        "(output is still exact, but few tokens are accepted)", target.name)
+            return new_draft(target.config, seed=seed).to(target.device, target.dtype).eval(), "random"
+        return load_draft(folder, target.config, target.device, target.dtype), folder.name
+    if spec in ("none", "random"):
+        log.warning("using a random draft: output is exact, but few draft tokens will be accepted")
+        return new_draft(target.config, seed=seed).to(target.device, target.dtype).eval(), "random"
+    return load_draft(spec, target.config, target.device, target.dtype), str(Path(spec).expanduser())

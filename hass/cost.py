@@ -1,0 +1,97 @@
+"""What one target forward costs on this device: load time, plain steps, tree verification.
+
+These are the numbers that decide how big a draft tree pays off (a verify forward over N
+tree tokens must cost less than the tokens it is expected to accept).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .target import load_target
+from .tree import ancestor_mask, verify_mask
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: int, repeats: int) -> dict:
+    """Load times (cold = dequantise into an empty cache, for GGUF specs), plain tokens/s and
+    the median time of one verify forward over N tree tokens after `prefix` cached tokens."""
+    if prefix < 1 or repeats < 1 or not sizes or min(sizes) < 1:
+        raise ValueError("prefix, repeats and every size must be >= 1")
+    report: dict = {"model": spec}
+    if spec == "default" or spec.endswith(".gguf"):
+        old = os.environ.get("HASS_CACHE")
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["HASS_CACHE"] = tmp
+            try:
+                report["load_cold_s"] = load_target(spec, device, dtype).load_seconds
+            finally:
+                if old is None:
+                    os.environ.pop("HASS_CACHE", None)
+                else:
+                    os.environ["HASS_CACHE"] = old
+    t0 = time.perf_counter()
+    target = load_target(spec, device, dtype)
+    report["load_cached_s"] = time.perf_counter() - t0
+    dev = target.device
+    report["device"], report["dtype"] = str(dev), str(target.dtype).removeprefix("torch.")
+    g = torch.Generator().manual_seed(0)
+    if prefix + max(sizes) + 1 >= target.max_length:
+        raise ValueError(f"prefix + tree size must stay below the context ({target.max_length})")
+    ids = torch.randint(0, target.vocab_size, (1, prefix), generator=g).to(dev)
+    cache = target.new_cache()
+    target.forward(ids, cache, logits_rows=torch.tensor([-1]))
+
+    def plain_step():
+        target.forward(ids[:, :1], cache, position_ids=torch.tensor([[prefix]], device=dev))
+        cache.crop(-1)
+
+    for _ in range(3):
+        plain_step()
+    plain = _median_time(plain_step, repeats, dev)
+    report["plain_step_s"] = plain
+    report["plain_tokens_per_s"] = 1.0 / plain
+    report["verify"] = []
+    for n in sizes:
+        # a bushy tree like EAGLE-2 makes: node i hangs under node (i-1)//3
+        parents = torch.tensor([-1] + [(i - 1) // 3 for i in range(1, n)], device=dev)
+        anc = ancestor_mask(parents)
+        depths = anc.sum(-1) - 1
+        mask = verify_mask(anc, prefix, target.dtype)
+        toks = ids[:, :n] if n <= prefix else torch.randint(0, target.vocab_size, (1, n), generator=g).to(dev)
+
+        def verify():
+            target.forward(toks, cache, position_ids=(prefix + depths)[None], attention_mask=mask)
+            cache.crop(-n)
+
+        verify()
+        t = _median_time(verify, repeats, dev)
+        report["verify"].append({"tokens": n, "seconds": t, "relative_to_plain_step": t / plain})
+    return report
+
+
+def format_costs(r: dict) -> str:
+    lines = [f"model {r['model']} on {r['device']} ({r['dtype']})"]
+    if "load_cold_s" in r:
+        lines.append(f"load: cold {r['load_cold_s']:.1f}s (dequantise + cache), cached {r['load_cached_s']:.1f}s")
+    else:
+        lines.append(f"load: {r['load_cached_s']:.1f}s")
+    lines.append(f"plain step: {r['plain_step_s'] * 1e3:.1f} ms = {r['plain_tokens_per_s']:.1f} tokens/s")
+    lines.append("verify forward over N tree tokens:")
+    for v in r["verify"]:
+        lines.append(f"  N={v['tokens']:>4}: {v['seconds'] * 1e3:7.1f} ms = {v['relative_to_plain_step']:.2f}x a plain step")
+    return "\n".join(lines)

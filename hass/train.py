@@ -1,0 +1,245 @@
+"""The draft training loop (HASS; EAGLE with align_steps=1, topk_weight=0).
+
+Plain PyTorch with `accelerate` for devices, so `accelerate launch -m hass train ...`
+trains on several GPUs unchanged. Checkpoints are written atomically in the draft format
+the decoder loads, plus a resumable optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .draft import DraftHead, load_draft, new_draft, save_draft
+from .losses import LossConfig, aligned_forward, pass_loss, shift_level
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    loss: LossConfig = field(default_factory=LossConfig)
+    lr: float = 3e-4
+    warmup_frac: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip_value: float = 0.5
+    noise: float = 0.2                 # uniform noise on input features: (U - 0.5) * noise * 512 / L
+    batch_size: int = 4
+    epochs: float = 1.0
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    resume: bool = False
+    init: str | None = None            # start from this draft folder instead of random weights
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+
+    def validate(self) -> "TrainConfig":
+        self.loss.validate()
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError("lr, batch_size and epochs must be positive")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError("warmup_frac must be in [0, 1)")
+        return self
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up, then linear decay to zero."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * max(0.0, (total - step) / max(1, total - warmup))
+
+
+class AlignedDraft(torch.nn.Module):
+    """Wraps the draft so one alignment pass is a `forward` (what DDP/accelerate expect)."""
+
+    def __init__(self, draft: DraftHead):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, token_embeds, levels, position_ids, valid):
+        return aligned_forward(self.draft, token_embeds, levels, position_ids, valid)
+
+
+def train_step(model: AlignedDraft, embed: torch.nn.Module, lm_head: torch.nn.Module, batch: dict,
+               cfg: TrainConfig, gen: torch.Generator | None, backward: Callable[[torch.Tensor], None]) -> dict:
+    """Forward + backward over all alignment passes of one batch; returns per-pass metrics."""
+    ids, feats = batch["input_ids"], batch["features"].float()
+    valid = batch["attention_mask"].bool()
+    tokens_in, f_in, target = ids[:, 1:], feats[:, :-1], feats[:, 1:]
+    pair_valid = valid[:, 1:]
+    mask = batch["loss_mask"][:, 1:].bool() & pair_valid
+    if cfg.noise > 0:
+        u = torch.rand(f_in.shape, generator=gen, device="cpu").to(f_in.device)
+        f_in = f_in + (u - 0.5) * cfg.noise * 512 / f_in.shape[1]
+    with torch.no_grad():
+        emb = embed(tokens_in).float()
+        target_logp = torch.log_softmax(lm_head(target[mask]).float(), dim=-1)
+    pos = torch.arange(tokens_in.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    levels = [f_in]
+    metrics: dict = {"tokens": int(mask.sum())}
+    for j in range(cfg.loss.align_steps):
+        pred = model(emb, levels, pos, pair_valid)
+        pl = pass_loss(pred, target, target_logp, mask, lm_head, cfg.loss)
+        backward(pl.total)
+        metrics[f"loss_{j + 1}"] = float(pl.total)
+        metrics[f"reg_{j + 1}"] = float(pl.reg)
+        metrics[f"cls_{j + 1}"] = float(pl.cls)
+        metrics[f"topk_{j + 1}"] = float(pl.topk)
+        metrics[f"acc_{j + 1}"] = float(pl.acc)
+        if j + 1 < cfg.loss.align_steps:
+            levels.append(shift_level(pred, f_in))
+    return metrics
+
+
+class _Batches:
+    """Shuffled batches of dialogue indices, resumable by (epoch, position)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs, self.seed = n, batch_size, seed
+
+    def epoch(self, e: int) -> list[list[int]]:
+        order = list(range(self.n))
+        random.Random(self.seed + e).shuffle(order)
+        return [order[i:i + self.bs] for i in range(0, self.n, self.bs)]
+
+
+def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
+          stop: threading.Event | None = None, device: str = "auto") -> Path:
+    """Train a draft on a prepared feature folder; returns the output folder.
+
+    Writes <out>/model.safetensors + config.json (the draft), train_state.pt (resume) and
+    metrics.jsonl. `stop` ends the run early with a final checkpoint (used by the app).
+    """
+    from accelerate import Accelerator
+
+    from .data import FeatureDataset, collate
+    from .target import load_target
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = FeatureDataset(cfg.data)
+    if len(ds) == 0:
+        raise ValueError(f"{cfg.data} holds no prepared dialogues")
+    meta = ds.meta
+    acc = Accelerator(cpu=(device == "cpu"))
+    torch.manual_seed(cfg.seed)
+    target = load_target(meta.get("target_spec", "default"), device=str(acc.device))
+    if target.hidden_size != meta.get("hidden_size", target.hidden_size):
+        raise ValueError(f"{cfg.data} was prepared for hidden size {meta['hidden_size']}, "
+                         f"the target has {target.hidden_size}")
+    embed, lm_head = target.embed_tokens, target.lm_head
+    state = None
+    if cfg.resume and (out / STATE_FILE).is_file():
+        draft = load_draft(out, target.config, acc.device, torch.float32)
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        log.info("resuming %s from step %d", out, state["step"])
+    elif cfg.init:
+        draft = load_draft(cfg.init, target.config, acc.device, torch.float32)
+    else:
+        draft = new_draft(target.config, seed=cfg.seed, target=target.name).to(acc.device)
+    model = AlignedDraft(draft).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    model, opt = acc.prepare(model, opt)
+
+    batches = _Batches(len(ds), cfg.batch_size, cfg.seed)
+    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    total = max(1, int(steps_per_epoch * cfg.epochs))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = max(1, int(total * cfg.warmup_frac))
+    step = state["step"] if state else 0
+    elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0
+    tokens_seen = state.get("tokens", 0) if state else 0
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    t_start = time.perf_counter()
+    t_ckpt = t_start
+    metrics_path = out / METRICS_FILE
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    pad_id = meta.get("pad_id", 0)
+
+    def checkpoint() -> None:
+        if acc.is_main_process:
+            save_draft(acc.unwrap_model(model).draft, out)
+            _atomic_torch_save({"step": step, "optimizer": opt.state_dict(), "tokens": tokens_seen,
+                                "elapsed_s": elapsed_before + time.perf_counter() - t_start}, out / STATE_FILE)
+
+    log.info("training %s: %d dialogues, %d steps (%.2f epochs), n=%d K=%d w=%.2f", out, len(ds), total,
+             cfg.epochs, cfg.loss.align_steps, cfg.loss.topk, cfg.loss.topk_weight)
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            idx = batches.epoch(epoch)[pos]
+            batch = {k: v.to(acc.device) for k, v in collate([ds[i] for i in idx], pad_id).items()
+                     if isinstance(v, torch.Tensor)}
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            m = train_step(model, embed, lm_head, batch, cfg, gen, acc.backward)
+            if cfg.grad_clip_value:
+                acc.clip_grad_value_(model.parameters(), cfg.grad_clip_value)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += m["tokens"]
+            dt = time.perf_counter() - t0
+            m.update(step=step, total_steps=total, epoch=step / steps_per_epoch, lr=lr,
+                     tokens_per_s=m["tokens"] / dt if dt > 0 else 0.0, tokens_seen=tokens_seen,
+                     elapsed_s=elapsed_before + time.perf_counter() - t_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss_1']:.3f}", acc=f"{m['acc_1']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            if acc.is_main_process and (step % cfg.log_every == 0 or step == total):
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
+            if on_metrics is not None:
+                on_metrics(m)
+            now = time.perf_counter()
+            if now - t_ckpt > cfg.checkpoint_minutes * 60:
+                checkpoint()
+                t_ckpt = now
+            if cfg.max_minutes and (now - t_start) > cfg.max_minutes * 60:
+                log.info("time budget reached at step %d", step)
+                break
+            if stop is not None and stop.is_set():
+                log.info("stopped at step %d", step)
+                break
+        bar.close()
+    except KeyboardInterrupt:
+        log.warning("interrupted: writing a checkpoint at step %d", step)
+        checkpoint()
+        raise
+    checkpoint()
+    return out
