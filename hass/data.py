@@ -260,6 +260,16 @@ class _NotPrefixStable(Exception):
     pass
 
 
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(target, what: str, msg: str, *args) -> None:
+    """A template problem is the same for every dialogue: warn once per target, then debug."""
+    key = (str(getattr(target, "name", "")), what)
+    (log.debug if key in _warned else log.warning)(msg, *args)
+    _warned.add(key)
+
+
 def encode_dialogue(target, dialogue: Dialogue, max_len: int = DEFAULT_MAX_LEN) -> Encoded | None:
     """Render with the target's chat template and mask exactly the assistant contents.
 
@@ -276,8 +286,8 @@ def encode_dialogue(target, dialogue: Dialogue, max_len: int = DEFAULT_MAX_LEN) 
     try:
         spans = _spans_by_prefix(target, messages, full, eos, max_len)
     except _NotPrefixStable as exc:
-        log.warning("chat template of %s is not prefix-stable (%s); masking %s by character offsets",
-                    target.name, exc, dialogue.id)
+        _warn_once(target, "prefix", "chat template of %s is not prefix-stable (%s, dialogue %s); masking "
+                   "assistant turns by character offsets instead", target.name, exc, dialogue.id)
         spans = _spans_by_offsets(target, messages, full, eos)
         if spans is None:
             log.warning("could not locate the assistant turns of %s in its rendering; skipped", dialogue.id)
@@ -315,13 +325,20 @@ def _spans_by_prefix(target, messages: list[dict], full: list[int], eos: set[int
         if full[: len(after)] != after:
             raise _NotPrefixStable(f"turn {i}: prefix rendering is not a prefix of the full rendering")
         added = after[len(before):]
+        if not eos.intersection(added):
+            _warn_once(target, "eos", "no end-of-turn token of %s (ids %s) closes its assistant turns; the "
+                       "whole rendered turn is masked", target.name, sorted(eos))
         spans.append((len(before), len(before) + _trim_to_eos(added, eos)))
     return spans
 
 
 def _spans_by_offsets(target, messages: list[dict], full: list[int],
                       eos: set[int]) -> list[tuple[int, int]] | None:
-    """Fallback: find each assistant content in the rendered text, map chars to tokens."""
+    """Fallback: find each assistant content in the rendered text, map chars to tokens.
+
+    A token straddling a content boundary (e.g. a template space merged into the first
+    word) counts as content; the end-of-turn token right after the content is added.
+    """
     tok = target.tokenizer
     text = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -379,7 +396,7 @@ class _ShardBuffer:
 
 def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len: int = DEFAULT_MAX_LEN,
             limit: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, store_topk: int = 0,
-            progress: bool = True) -> PrepareSummary:
+            progress: bool = True, target_spec: str | None = None) -> PrepareSummary:
     """Run the frozen target once per dialogue and store ids, features and masks in shards.
 
     Resumable: each shard is written to a temp file and renamed, then `meta.json` is
@@ -389,6 +406,8 @@ def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len:
     target's top-K next-token probabilities (see the module docstring), so training need
     not recompute a full-vocabulary softmax for the HASS top-K loss.
     Settings must match an existing `meta.json` in `out_dir` (else ValueError).
+    `target_spec` (what `load_target` was given) is recorded so training can reload the
+    target; by default "default" for the default model, else the target's name.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
@@ -398,7 +417,7 @@ def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-*"):
         stale.unlink()
-    meta = _open_meta(out, target, max_len, store_topk)
+    meta = _open_meta(out, target, max_len, store_topk, target_spec)
     done = {i for s in meta["shards"] for i in s["dialogue_ids"] + s.get("skipped_ids", [])}
     todo = [d for d in (dialogues[:limit] if limit is not None else dialogues) if d.id not in done]
     if len({d.id for d in todo}) != len(todo):
@@ -505,7 +524,7 @@ def _target_settings(target, max_len: int, store_topk: int) -> dict:
             "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()}
 
 
-def _open_meta(out: Path, target, max_len: int, store_topk: int) -> dict:
+def _open_meta(out: Path, target, max_len: int, store_topk: int, target_spec: str | None) -> dict:
     """Existing meta.json if its settings match these, else a fresh one (written now)."""
     settings = _target_settings(target, max_len, store_topk)
     path = out / META_FILE
@@ -519,7 +538,9 @@ def _open_meta(out: Path, target, max_len: int, store_topk: int) -> dict:
             if s["file"] and not (out / s["file"]).is_file():
                 raise ValueError(f"{path} lists {s['file']} but it is missing; the folder is damaged")
         return meta
-    meta = {"format": FORMAT_VERSION, **settings, "shards": [],
+    if target_spec is None:
+        target_spec = "default" if str(getattr(target, "source", "")).startswith("default") else target.name
+    meta = {"format": FORMAT_VERSION, "target_spec": target_spec, **settings, "shards": [],
             "counts": {"dialogues": 0, "skipped": 0, "tokens": 0, "loss_tokens": 0, "bytes": 0}}
     _write_meta(out, meta)
     return meta
@@ -643,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     target = load_target(args.model)
     train, held = split(load_dialogues(args.data))
     prepare(target, held if args.held_out else train, args.out_dir, max_len=args.max_len, limit=args.limit,
-            shard_tokens=args.shard_tokens, store_topk=args.topk)
+            shard_tokens=args.shard_tokens, store_topk=args.topk, target_spec=args.model)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def speculative_generate(target: Target, draft: DraftHead, input_ids: list[int],
                          cfg: GenerationConfig) -> Iterator[Step]:
     """EAGLE-2 tree drafting + one-forward tree verification; output equals `plain_generate`
     (token for token at T = 0, in distribution at T > 0)."""
-    cfg.validate(target.vocab_size)
+    draft_vocab = target.vocab_size if draft.token_map is None else int(draft.token_map.numel())
+    cfg.validate(draft_vocab)
     ids = _check_prompt(target, input_ids)
     if draft.config.hidden_size != target.hidden_size:
         raise ValueError(f"draft hidden size {draft.config.hidden_size} does not match the target's "

@@ -105,15 +105,20 @@ class DraftLayer(nn.Module):
 
 
 class DraftHead(nn.Module):
-    """f^_{t+1} = layer(fc(cat(embed(x_{t+1}), f_t))); logits come from the target's lm_head."""
+    """f^_{t+1} = layer(fc(cat(embed(x_{t+1}), f_t))); logits come from the target's lm_head.
 
-    def __init__(self, cfg: LlamaConfig):
+    An optional `token_map` (target token ids, EAGLE-3 style) restricts the draft's
+    vocabulary to the most frequent tokens: the lm_head rows are sliced, not retrained.
+    """
+
+    def __init__(self, cfg: LlamaConfig, token_map: torch.Tensor | None = None):
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layers = nn.ModuleList([DraftLayer(cfg)])
         self.rotary = LlamaRotaryEmbedding(cfg)
+        self.register_buffer("token_map", None if token_map is None else token_map.to(torch.long))
 
     @property
     def layer(self) -> DraftLayer:
@@ -140,11 +145,34 @@ class DraftHead(nn.Module):
         return out, (k_new, v_new)
 
 
-def new_draft(target_config, seed: int = 0, **extra) -> DraftHead:
+class OutputHead:
+    """The target's frozen lm_head as the draft sees it: all rows, or the token map's rows."""
+
+    def __init__(self, lm_head: nn.Module, token_map: torch.Tensor | None = None):
+        w, b = lm_head.weight, getattr(lm_head, "bias", None)
+        self.token_map = None if token_map is None else token_map.to(w.device)
+        self.weight = w if token_map is None else w[self.token_map].detach()
+        self.bias = b if (b is None or token_map is None) else b[self.token_map].detach()
+
+    @property
+    def size(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def to_target(self, idx: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> target token ids."""
+        return idx if self.token_map is None else self.token_map[idx]
+
+
+def new_draft(target_config, seed: int = 0, token_map: torch.Tensor | None = None, **extra) -> DraftHead:
     """A randomly initialised draft (useful before training: output stays exact, acceptance is low)."""
+    if token_map is not None:
+        extra["draft_vocab_size"] = int(token_map.numel())
     cfg = draft_config_for(target_config, **extra)
     gen = torch.Generator().manual_seed(seed)
-    draft = DraftHead(cfg)
+    draft = DraftHead(cfg, token_map)
     with torch.no_grad():
         for name, p in draft.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -161,7 +189,7 @@ def save_draft(draft: DraftHead, folder: str | Path, dtype: torch.dtype | None =
     """Write model.safetensors + config.json atomically (temp file, then rename)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in draft.state_dict().items() if not k.startswith("rotary.")}
     cfg = draft.config.to_dict()
     cfg["architectures"] = ["HassDraftHead"]
@@ -205,6 +233,13 @@ def load_draft(folder: str | Path, target_config, device: torch.device | str = "
         raise DraftLoadError(f"{weights} is not a readable safetensors file: {exc}") from exc
     state = {k.removeprefix("model."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
+    token_map = state.pop("token_map", None)
+    if token_map is not None:
+        bad = token_map.ndim != 1 or token_map.numel() == 0 or int(token_map.min()) < 0 \
+            or int(token_map.max()) >= target_config.vocab_size
+        if bad:
+            raise DraftLoadError(f"{weights}: token_map does not index this target's vocabulary "
+                                 f"({target_config.vocab_size} tokens)")
     extra = {}
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
@@ -212,8 +247,9 @@ def load_draft(folder: str | Path, target_config, device: torch.device | str = "
             extra = json.loads(cfg_path.read_text()).get("hass", {}) or {}
         except json.JSONDecodeError as exc:
             raise DraftLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    draft = DraftHead(draft_config_for(target_config, **extra))
-    expected = {k: v.shape for k, v in draft.state_dict().items() if not k.startswith("rotary.")}
+    draft = DraftHead(draft_config_for(target_config, **extra), token_map)
+    expected = {k: v.shape for k, v in draft.state_dict().items()
+                if not k.startswith("rotary.") and k != "token_map"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -224,4 +260,4 @@ def load_draft(folder: str | Path, target_config, device: torch.device | str = "
             raise DraftLoadError(f"{weights}: {k} has shape {tuple(state[k].shape)}, this target needs "
                                  f"{tuple(shape)} (was the draft trained for another target?)")
     draft.load_state_dict(state, strict=False)
-    return draft.to(device=device, dtype=dtype).eval()
+    return draft.to(device=device, dtype=dtype).eval()      # .to(dtype) leaves the integer token_map alone

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KV, append_kv
-from .draft import DraftHead
+from .draft import DraftHead, OutputHead
 from .tree import TreeConfig, best, expand, remap_parents
 
 
@@ -31,12 +31,14 @@ class Drafter:
     """Holds the draft's KV cache over the real (verified) context and grows trees from it."""
 
     def __init__(self, draft: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module):
-        self.draft, self.embed, self.lm_head = draft, embed, lm_head
+        self.draft, self.embed = draft, embed
+        self.head = OutputHead(lm_head, draft.token_map)
         self.kv: KV | None = None
         self.last_out: torch.Tensor | None = None     # [1, 1, H]: the draft's guess of f at the root
 
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(out).float(), dim=-1)
+        """Draft log-probs over its own vocabulary (the token map's, or the target's)."""
+        return torch.log_softmax(self.head.logits(out).float(), dim=-1)
 
     @torch.inference_mode()
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor, start: int) -> None:
@@ -58,6 +60,7 @@ class Drafter:
                                z, torch.ones(1, device=dev))
         k = cfg.top_k
         tok, score, _ = expand(torch.zeros(1, device=dev), self.log_probs(self.last_out[0]), k)
+        tok = self.head.to_target(tok)
         toks, scores, local, parents = [tok], [score], [score], [torch.full_like(tok, -1)]
         depths = [torch.ones_like(tok)]
         frontier = torch.arange(tok.shape[0], device=dev)          # candidate indices
@@ -77,6 +80,7 @@ class Drafter:
             node_anc = torch.cat((front_anc, self_mask), 1)          # ancestors incl. self, over expanded nodes
             lp = self.log_probs(out[0])
             ctok, cscore, rows = expand(all_score[frontier], lp, k)
+            ctok = self.head.to_target(ctok)
             toks.append(ctok)
             scores.append(cscore)
             local.append(cscore - all_score[frontier][rows])

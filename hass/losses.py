@@ -84,11 +84,12 @@ class PassLoss:
 
 
 def pass_loss(pred: torch.Tensor, target_feat: torch.Tensor, target_logp: torch.Tensor, mask: torch.Tensor,
-              lm_head: torch.nn.Module, cfg: LossConfig) -> PassLoss:
+              logits_fn, cfg: LossConfig) -> PassLoss:
     """L_step = reg * SmoothL1 + cls * CE(p, q) + w * top-K CE, averaged over masked pairs.
 
     pred/target_feat: [B, P, H]; target_logp: [N, V] log p_t of the N masked pairs (in mask
-    order, computed once per batch without gradient); mask: [B, P] bool.
+    order, computed once per batch without gradient, over the draft's vocabulary);
+    logits_fn: features -> draft logits (the frozen lm_head, or its token-map rows).
     """
     sel = mask.bool()
     n = int(sel.sum())
@@ -97,7 +98,7 @@ def pass_loss(pred: torch.Tensor, target_feat: torch.Tensor, target_logp: torch.
         return PassLoss(z, z, z, z, z.detach(), 0)
     pr = pred[sel]
     reg = F.smooth_l1_loss(pr.float(), target_feat[sel].float(), reduction="none").mean(-1).mean()
-    logq = torch.log_softmax(lm_head(pr).float(), dim=-1)
+    logq = torch.log_softmax(logits_fn(pr).float(), dim=-1)
     p = target_logp.exp()
     cls = -(p * logq).sum(-1).mean()
     topv, topi = target_logp.topk(cfg.topk, dim=-1)

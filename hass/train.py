@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .draft import DraftHead, load_draft, new_draft, save_draft
+from .draft import DraftHead, OutputHead, load_draft, new_draft, save_draft
 from .losses import LossConfig, aligned_forward, pass_loss, shift_level
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     init: str | None = None            # start from this draft folder instead of random weights
+    draft_vocab: int = 0               # > 0: restrict the draft to the N most frequent target tokens
     checkpoint_minutes: float = 5.0
     log_every: int = 10
 
@@ -88,7 +89,7 @@ class AlignedDraft(torch.nn.Module):
         return aligned_forward(self.draft, token_embeds, levels, position_ids, valid)
 
 
-def train_step(model: AlignedDraft, embed: torch.nn.Module, lm_head: torch.nn.Module, batch: dict,
+def train_step(model: AlignedDraft, embed: torch.nn.Module, head: OutputHead, batch: dict,
                cfg: TrainConfig, gen: torch.Generator | None, backward: Callable[[torch.Tensor], None]) -> dict:
     """Forward + backward over all alignment passes of one batch; returns per-pass metrics."""
     ids, feats = batch["input_ids"], batch["features"].float()
@@ -101,22 +102,34 @@ def train_step(model: AlignedDraft, embed: torch.nn.Module, lm_head: torch.nn.Mo
         f_in = f_in + (u - 0.5) * cfg.noise * 512 / f_in.shape[1]
     with torch.no_grad():
         emb = embed(tokens_in).float()
-        target_logp = torch.log_softmax(lm_head(target[mask]).float(), dim=-1)
+        target_logp = torch.log_softmax(head.logits(target[mask]).float(), dim=-1)
     pos = torch.arange(tokens_in.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     levels = [f_in]
     metrics: dict = {"tokens": int(mask.sum())}
     for j in range(cfg.loss.align_steps):
         pred = model(emb, levels, pos, pair_valid)
-        pl = pass_loss(pred, target, target_logp, mask, lm_head, cfg.loss)
+        pl = pass_loss(pred, target, target_logp, mask, head.logits, cfg.loss)
         backward(pl.total)
-        metrics[f"loss_{j + 1}"] = float(pl.total)
-        metrics[f"reg_{j + 1}"] = float(pl.reg)
-        metrics[f"cls_{j + 1}"] = float(pl.cls)
-        metrics[f"topk_{j + 1}"] = float(pl.topk)
+        metrics[f"loss_{j + 1}"] = float(pl.total.detach())
+        metrics[f"reg_{j + 1}"] = float(pl.reg.detach())
+        metrics[f"cls_{j + 1}"] = float(pl.cls.detach())
+        metrics[f"topk_{j + 1}"] = float(pl.topk.detach())
         metrics[f"acc_{j + 1}"] = float(pl.acc)
         if j + 1 < cfg.loss.align_steps:
             levels.append(shift_level(pred, f_in))
     return metrics
+
+
+def frequent_tokens(ds, n: int, vocab_size: int, always: set[int] = frozenset()) -> torch.Tensor:
+    """The n most frequent trained-on tokens (plus `always`, e.g. end-of-turn), sorted by id."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for i in range(len(ds)):
+        item = ds[i]
+        counts += torch.bincount(item["input_ids"].long()[item["loss_mask"].bool()], minlength=vocab_size)
+    for t in always:
+        counts[t] = counts.max() + 1
+    top = counts.topk(min(n, int((counts > 0).sum()))).indices
+    return top.sort().values
 
 
 class _Batches:
@@ -156,7 +169,7 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
     if target.hidden_size != meta.get("hidden_size", target.hidden_size):
         raise ValueError(f"{cfg.data} was prepared for hidden size {meta['hidden_size']}, "
                          f"the target has {target.hidden_size}")
-    embed, lm_head = target.embed_tokens, target.lm_head
+    embed = target.embed_tokens
     state = None
     if cfg.resume and (out / STATE_FILE).is_file():
         draft = load_draft(out, target.config, acc.device, torch.float32)
@@ -165,7 +178,9 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
     elif cfg.init:
         draft = load_draft(cfg.init, target.config, acc.device, torch.float32)
     else:
-        draft = new_draft(target.config, seed=cfg.seed, target=target.name).to(acc.device)
+        token_map = frequent_tokens(ds, cfg.draft_vocab, target.vocab_size, target.eos_ids) if cfg.draft_vocab else None
+        draft = new_draft(target.config, seed=cfg.seed, token_map=token_map, target=target.name).to(acc.device)
+    head = OutputHead(target.lm_head, draft.token_map)
     model = AlignedDraft(draft).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if state is not None:
@@ -208,7 +223,7 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
             for g in opt.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            m = train_step(model, embed, lm_head, batch, cfg, gen, acc.backward)
+            m = train_step(model, embed, head, batch, cfg, gen, acc.backward)
             if cfg.grad_clip_value:
                 acc.clip_grad_value_(model.parameters(), cfg.grad_clip_value)
             opt.step()

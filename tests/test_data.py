@@ -162,7 +162,7 @@ def _masked_spans(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 def test_loss_mask_is_exactly_assistant_content(default_target, dialogue):
     enc = encode_dialogue(default_target, dialogue, max_len=4096)
     assert enc.input_ids.tolist() == default_target.render(dialogue.messages, add_generation_prompt=False)
-    got = [default_target.decode(s) for s in _masked_spans(enc.input_ids, enc.loss_mask)]
+    got = [default_target.decode(s, skip_special_tokens=False) for s in _masked_spans(enc.input_ids, enc.loss_mask)]
     want = [m["content"] + END for m in dialogue.messages if m["role"] == "assistant"]
     assert got == want
 
@@ -185,14 +185,15 @@ def test_offsets_fallback_agrees_and_handles_unstable_template(default_target, t
         data._spans_by_prefix(default_target, d.messages, full, eos, 4096)
     # A template that renders the last message differently is not prefix-stable.
     tok = copy.deepcopy(default_target.tokenizer)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}FINAL: {% endif %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[final]\n{% endif %}"
                          "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     odd = Target(model=tiny.model, tokenizer=tok, name="odd")
+    data._warned.clear()
     with caplog.at_level(logging.WARNING, logger="hass.data"):
         enc = encode_dialogue(odd, d, max_len=4096)
     assert "not prefix-stable" in caplog.text
-    assert [odd.decode(s) for s in _masked_spans(enc.input_ids, enc.loss_mask)] == ["chat" + END, "chien" + END]
+    assert [odd.decode(s, skip_special_tokens=False) for s in _masked_spans(enc.input_ids, enc.loss_mask)] == ["chat" + END, "chien" + END]
 
 
 # -- prepare / dataset ---------------------------------------------------------------------

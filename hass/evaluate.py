@@ -1,0 +1,76 @@
+"""How good is a draft: held-out top-1 accuracy per alignment pass, and tau on the eval sets."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .decode import GenerationConfig, speculative_generate
+from .draft import DraftHead, OutputHead
+from .evalsets import load_set
+from .events import summarize
+from .losses import aligned_forward, shift_level
+from .target import Target
+from .tree import TreeConfig
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def heldout_accuracy(draft: DraftHead, target: Target, data_dir: str, align_steps: int = 3,
+                     max_dialogues: int = 64, batch_size: int = 4) -> dict:
+    """Top-1 agreement of the draft with the target's argmax (full vocabulary) per pass.
+
+    Pass j sees its own features for the last j-1 positions, as at decode depth j.
+    """
+    from .data import FeatureDataset, collate
+
+    ds = FeatureDataset(data_dir)
+    n = min(len(ds), max_dialogues)
+    if n == 0:
+        raise ValueError(f"{data_dir} holds no prepared dialogues")
+    head = OutputHead(target.lm_head, draft.token_map)
+    hits = [0] * align_steps
+    total = 0
+    dev, dt = target.device, next(draft.parameters()).dtype
+    for start in range(0, n, batch_size):
+        batch = collate([ds[i] for i in range(start, min(n, start + batch_size))], ds.pad_id)
+        ids = batch["input_ids"].to(dev)
+        feats = batch["features"].to(dev, dt)
+        valid = batch["attention_mask"].bool().to(dev)[:, 1:]
+        mask = batch["loss_mask"].bool().to(dev)[:, 1:] & valid
+        emb = target.embed_tokens(ids[:, 1:]).to(dt)
+        f_in, want = feats[:, :-1], target.lm_head(feats[:, 1:][mask]).argmax(-1)
+        pos = torch.arange(f_in.shape[1], device=dev)[None].expand(ids.shape[0], -1)
+        levels = [f_in]
+        for j in range(align_steps):
+            pred = aligned_forward(draft, emb, levels, pos, valid)
+            got = head.to_target(head.logits(pred[mask]).argmax(-1))
+            hits[j] += int((got == want).sum())
+            levels.append(shift_level(pred, f_in))
+        total += int(mask.sum())
+    return {"dialogues": n, "tokens": total, "accuracy_per_pass": [h / max(total, 1) for h in hits]}
+
+
+@dataclass(frozen=True)
+class TauResult:
+    tau: float              # pooled over all cycles
+    tau_macro: float        # mean of per-prompt tau
+    per_depth_acceptance: list[float]
+    prompts: int
+    new_tokens: int
+
+
+def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_new_tokens: int = 128,
+               tree: TreeConfig = TreeConfig()) -> TauResult:
+    """Greedy decoding of the first turn of the first `limit` questions; acceptance statistics."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree)
+    all_steps, macro = [], []
+    for q in load_set(set_name, limit):
+        ids = target.render([{"role": "user", "content": q.turns[0]}])
+        steps = list(speculative_generate(target, draft, ids, cfg))
+        all_steps.extend(steps)
+        macro.append(summarize(steps).tau)
+    s = summarize(all_steps)
+    return TauResult(s.tau, sum(macro) / max(len(macro), 1), s.per_depth_acceptance, len(macro), s.new_tokens)

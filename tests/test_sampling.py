@@ -1,0 +1,384 @@
+"""T > 0: speculative sampling must be lossless, i.e. every output token distributed exactly
+as plain sampling from the target (method.md sections 3 and 5).
+
+* `target_probs` against brute-force temperature / top-k / top-p.
+* `accept_sampling` on synthetic trees, tens of thousands of draws, against the exact p,
+  with deliberately wrong acceptance rules as negative controls that must FAIL the check.
+* End to end on a 12-token vocabulary: the 2nd and 3rd generated tokens of
+  `speculative_generate` (one seed per run) against p(x2) = sum_x1 p(x1) p(x2|x1) and
+  p(x3) = sum_{x1,x2} p(x1) p(x2|x1) p(x3|x1,x2), computed by enumerating continuations
+  with the target itself; plus a wrong rule patched into the decoder, which must fail.
+
+Every check is a Pearson chi-square goodness-of-fit test (small cells pooled) with a
+p-value threshold of 1e-4, on fixed seeds, so results are reproducible.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hass.decode
+from hass.decode import GenerationConfig, plain_generate, speculative_generate
+from hass.draft import new_draft
+from hass.tree import TreeConfig
+from hass.verify import SamplingConfig, Verdict, accept_sampling, target_probs
+
+P_MIN = 1e-4          # a correct sampler fails a single check with probability 1e-4
+
+
+# -- target_probs ----------------------------------------------------------------------------------
+def _softmax_list(logits: list[float], temperature: float) -> list[float]:
+    m = max(logits)
+    e = [math.exp((x - m) / temperature) for x in logits]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 1.3, 4.0])
+def test_target_probs_temperature(temperature):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 40, generator=gen) * 3
+    p = target_probs(logits, SamplingConfig(temperature=temperature))
+    assert p.dtype == torch.float32 and p.shape == logits.shape
+    for r in range(5):
+        torch.testing.assert_close(p[r], torch.tensor(_softmax_list(logits[r].tolist(), temperature)),
+                                   atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 39, 40, 100])
+def test_target_probs_top_k_keeps_exactly_k(k):
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randn(6, 40, generator=gen) * 2            # distinct values: no ties at the k-th
+    p = target_probs(logits, SamplingConfig(temperature=0.9, top_k=k))
+    for r in range(6):
+        row = logits[r].tolist()
+        keep = sorted(range(40), key=lambda i: -row[i])[:min(k, 40)]
+        assert set(p[r].nonzero().flatten().tolist()) == set(keep)
+        ref = _softmax_list([row[i] for i in keep], 0.9)
+        torch.testing.assert_close(p[r, keep], torch.tensor(ref), atol=1e-6, rtol=1e-5)
+        assert abs(float(p[r].sum()) - 1) < 1e-5
+
+
+def _top_p_reference(probs: list[float], top_p: float) -> list[int]:
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, cum = [], 0.0
+    for i in order:
+        kept.append(i)
+        cum += probs[i]
+        if cum >= top_p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.8, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_target_probs_top_p_keeps_smallest_prefix(top_p, top_k):
+    gen = torch.Generator().manual_seed(int(top_p * 100) + top_k)
+    logits = torch.randn(20, 30, generator=gen) * 1.5
+    cfg = SamplingConfig(temperature=1.1, top_p=top_p, top_k=top_k)
+    p = target_probs(logits, cfg)
+    checked = 0
+    for r in range(20):
+        row = logits[r].tolist()
+        pool = sorted(range(30), key=lambda i: -row[i])[:top_k] if top_k else list(range(30))
+        base = dict(zip(pool, _softmax_list([row[i] for i in pool], 1.1)))
+        full = [base.get(i, 0.0) for i in range(30)]
+        if top_p == 1.0:
+            keep = [i for i in range(30) if full[i] > 0]             # no filtering at all
+        else:
+            keep = _top_p_reference(full, top_p)
+            # skip rows where a cut would sit within float error of top_p
+            cums = [sum(sorted(full, reverse=True)[:m]) for m in range(1, 30)]
+            if any(abs(c - top_p) < 1e-5 for c in cums):
+                continue
+        checked += 1
+        assert set(p[r].nonzero().flatten().tolist()) == set(keep), f"row {r}"
+        z = sum(full[i] for i in keep)
+        torch.testing.assert_close(p[r, keep], torch.tensor([full[i] / z for i in keep]), atol=1e-6, rtol=1e-5)
+    assert checked >= 15
+
+
+def test_target_probs_top_p_small_keeps_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2, 2.9]])
+    p = target_probs(logits, SamplingConfig(temperature=1.0, top_p=1e-6))
+    assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+# -- accept_sampling on synthetic trees ------------------------------------------------------------
+V_SYN = 8
+N_DRAWS = 12000
+
+
+def _first_two(verdict: Verdict, tokens: list[int]) -> tuple[int, int | None, int | None]:
+    """(first emitted token, second emitted token or None, tree node of the first token or None)."""
+    emitted = [tokens[i] for i in verdict.path[1:]] + [verdict.bonus]
+    node = verdict.path[1] if len(verdict.path) > 1 else None
+    return emitted[0], (emitted[1] if len(emitted) > 1 else None), node
+
+
+def _synthetic_tree(kind: str, probs_of):
+    """Token/parent lists for a tree whose shape depends on the target distribution p."""
+    gen = torch.Generator().manual_seed(5)
+    root_p = probs_of(0)
+    by_p = root_p.argsort(descending=True).tolist()
+    if kind == "top":                 # the most likely tokens, two levels: acceptance frequent
+        tokens, parents = [0], [-1]
+        for tok in by_p[:3]:
+            tokens.append(tok)
+            parents.append(0)
+        for c in (1, 2):
+            for tok in probs_of(c).argsort(descending=True).tolist()[:2]:
+                tokens.append(tok)
+                parents.append(c)
+        return tokens, parents
+    if kind == "unlikely":            # least likely first: mostly rejected, bonus from the residual
+        return [0] + by_p[::-1][:3], [-1, 0, 0, 0]
+    if kind == "all":                 # every token is a child of the root, random order
+        perm = torch.randperm(V_SYN, generator=gen).tolist()
+        return [0] + perm + [by_p[0]], [-1] + [0] * V_SYN + [1]
+    if kind == "chain":
+        return [0, by_p[1], 3, 5, 1], [-1, 0, 1, 2, 3]
+    raise ValueError(kind)
+
+
+def _node_logits(n_nodes: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_nodes, V_SYN, generator=gen) * 1.2
+
+
+def _draw(accept, tokens, parents, logits, cfg, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t, par = torch.tensor(tokens), torch.tensor(parents)
+    firsts, seconds = [], {}
+    for _ in range(n):
+        v = accept(t, par, logits, cfg, gen)
+        assert v.path[0] == 0 and all(parents[b] == a for a, b in zip(v.path, v.path[1:]))
+        first, second, node = _first_two(v, tokens)
+        firsts.append(first)
+        if node is not None and second is not None:
+            seconds.setdefault(node, []).append(second)
+    return torch.bincount(torch.tensor(firsts), minlength=V_SYN), seconds
+
+
+def _check(counts, probs, stats) -> tuple[bool, float, float]:
+    pv = stats.chi2_pvalue(counts, probs)
+    tv = stats.tv(counts / counts.sum(), probs)
+    return pv > P_MIN, pv, tv
+
+
+SYN_CASES = [
+    ("top", SamplingConfig(temperature=1.0)),
+    ("top", SamplingConfig(temperature=0.7, top_k=3)),
+    ("unlikely", SamplingConfig(temperature=1.3)),
+    ("unlikely", SamplingConfig(temperature=1.0, top_p=0.8)),
+    ("all", SamplingConfig(temperature=1.0)),
+    ("chain", SamplingConfig(temperature=1.0, top_p=0.8, top_k=5)),
+]
+
+
+@pytest.mark.parametrize("kind,cfg", SYN_CASES, ids=[f"{k}-{c.temperature}-{c.top_p}-{c.top_k}" for k, c in SYN_CASES])
+def test_accept_sampling_emits_exact_target_distribution(kind, cfg, stats):
+    base = _node_logits(16, seed=3)
+    tokens, parents = _synthetic_tree(kind, lambda i: target_probs(base[i], cfg))
+    logits = base[:len(tokens)]
+    probs = target_probs(logits, cfg)
+    counts, seconds = _draw(accept_sampling, tokens, parents, logits, cfg, N_DRAWS, seed=17)
+    ok, pv, tv = _check(counts, probs[0], stats)
+    assert ok, f"first token: p-value {pv:.2e}, TV {tv:.4f}"
+    assert tv < 0.03
+    # the token after an accepted draft token follows p at that node
+    checked = 0
+    for node, seq in seconds.items():
+        if len(seq) >= 1000:
+            c2 = torch.bincount(torch.tensor(seq), minlength=V_SYN)
+            ok2, pv2, tv2 = _check(c2, probs[node], stats)
+            assert ok2, f"second token after node {node}: p-value {pv2:.2e}, TV {tv2:.4f}"
+            checked += 1
+    if kind in ("top", "all", "chain"):
+        assert checked >= 1
+    # draft tokens outside the filtered support are never emitted
+    assert int(counts[probs[0] == 0].sum()) == 0
+
+
+# Deliberately wrong acceptance rules (negative controls) -----------------------------------------
+def _children(parents):
+    ch = {}
+    for i in range(1, len(parents)):
+        ch.setdefault(parents[i], []).append(i)
+    return ch
+
+
+def wrong_first_child_always(tokens, parents, logits, cfg, gen):
+    """Greedy-style: always walk to the first child."""
+    ch = _children(parents.tolist())
+    node, path = 0, [0]
+    while node in ch:
+        node = ch[node][0]
+        path.append(node)
+    p = target_probs(logits[node], cfg)
+    return Verdict(path, int(torch.multinomial(p, 1, generator=gen)), [])
+
+
+def wrong_no_residual(tokens, parents, logits, cfg, gen):
+    """Accept child x with probability p(x) but never remove rejected tokens: the bonus is
+    drawn from the unmodified p (the classic 'forgot the residual' bug)."""
+    probs = target_probs(logits, cfg)
+    ch = _children(parents.tolist())
+    toks = tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        for c in ch.get(node, []):
+            if float(torch.rand((), generator=gen)) < float(probs[node, toks[c]]):
+                node = c
+                path.append(c)
+                break
+        else:
+            return Verdict(path, int(torch.multinomial(probs[node], 1, generator=gen)), [])
+
+
+def wrong_fake_q(tokens, parents, logits, cfg, gen):
+    """Standard speculative-sampling test min(1, p/q) with a made-up draft q (uniform over the
+    siblings), bonus from the unmodified p: wrong for deterministic tree proposals."""
+    probs = target_probs(logits, cfg)
+    ch = _children(parents.tolist())
+    toks = tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        kids = ch.get(node, [])
+        for c in kids:
+            q = 1.0 / len(kids)
+            if float(torch.rand((), generator=gen)) < min(1.0, float(probs[node, toks[c]]) / q):
+                node = c
+                path.append(c)
+                break
+        else:
+            return Verdict(path, int(torch.multinomial(probs[node], 1, generator=gen)), [])
+
+
+@pytest.mark.parametrize("wrong", [wrong_first_child_always, wrong_no_residual, wrong_fake_q],
+                         ids=lambda f: f.__name__)
+def test_wrong_acceptance_rules_fail_the_same_check(wrong, stats):
+    cfg = SamplingConfig(temperature=1.0)
+    base = _node_logits(16, seed=3)
+    tokens, parents = _synthetic_tree("top", lambda i: target_probs(base[i], cfg))
+    logits = base[:len(tokens)]
+    probs = target_probs(logits, cfg)
+    counts, _ = _draw(wrong, tokens, parents, logits, cfg, N_DRAWS, seed=17)
+    ok, pv, tv = _check(counts, probs[0], stats)
+    assert not ok, f"{wrong.__name__} passed the losslessness check (p-value {pv:.2e}, TV {tv:.4f})"
+    assert tv > 0.03
+
+
+# -- end to end on a tiny vocabulary ---------------------------------------------------------------
+V_E2E = 12
+PROMPT = [3, 7, 1, 4, 9]
+
+
+@pytest.fixture(scope="module")
+def small_target(make_target):
+    """12-token vocabulary, unscaled lm_head: broad enough distributions to test sampling."""
+    return make_target(vocab_size=V_E2E, hidden_size=32, intermediate_size=64, max_position_embeddings=64,
+                       logit_scale=1.0, eos_token_id=V_E2E - 1, name="tiny-llama-v12")
+
+
+def exact_marginals(target, prompt, cfg: SamplingConfig):
+    """p(x1), p(x2), p(x3) by enumerating every continuation with the target itself."""
+    V = target.vocab_size
+    lg, _ = target.forward(torch.tensor([prompt]), target.new_cache())
+    p1 = target_probs(lg[0, -1], cfg).double()                                          # [V]
+    seq2 = torch.tensor([prompt + [a] for a in range(V)])
+    lg2, _ = target.forward(seq2, target.new_cache())
+    p21 = target_probs(lg2[:, -1], cfg).double()                                         # [V(x1), V(x2)]
+    seq3 = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+    lg3, _ = target.forward(seq3, target.new_cache())
+    p3c = target_probs(lg3[:, -1], cfg).double().view(V, V, V)                          # [x1, x2, x3]
+    joint12 = p1[:, None] * p21
+    p2 = joint12.sum(0)
+    p3 = (joint12[:, :, None] * p3c).sum((0, 1))
+    return p1, p2, p3
+
+
+NEW_E2E = 4       # x1 from prefill; the first cycle may then accept x2 AND x3 (depth <= 2) + a bonus
+
+
+def sample_runs(target, draft_for, cfg: GenerationConfig, n: int, seed0: int, accepted: list | None = None):
+    out = []
+    for i in range(n):
+        steps = list(speculative_generate(target, draft_for(), PROMPT, GenerationConfig(
+            max_new_tokens=NEW_E2E, sampling=cfg.sampling, tree=cfg.tree, seed=seed0 + i, stop_at_eos=False)))
+        toks = [t for s in steps for t in s.new_tokens]
+        assert len(toks) == NEW_E2E
+        out.append(toks)
+        if accepted is not None:
+            accepted.append(sum(s.accepted for s in steps))
+    return torch.tensor(out)
+
+
+E2E_CASES = [
+    # (name, sampling, tree, draft kind)
+    ("T0.7-oracle", SamplingConfig(temperature=0.7), TreeConfig(8, 3, 3), "oracle"),
+    ("T1.3-random", SamplingConfig(temperature=1.3), TreeConfig(12, 3, 4), "random"),
+    ("topp0.8-oracle", SamplingConfig(temperature=1.0, top_p=0.8), TreeConfig(10, 4, 2), "oracle"),
+    ("topk3-random", SamplingConfig(temperature=1.0, top_k=3), TreeConfig(16, 3, 5), "random"),
+]
+N_RUNS = 1500
+
+
+def _draft_factory(kind, target, oracle_draft):
+    if kind == "oracle":
+        return lambda: oracle_draft(target, PROMPT)
+    d = new_draft(target.config, seed=1)
+    return lambda: d
+
+
+def _marginal_checks(samples, exact, stats):
+    results = []
+    for pos in (0, 1, 2):                               # x1 (prefill), x2, x3
+        counts = torch.bincount(samples[:, pos], minlength=V_E2E)
+        results.append((pos + 1, *_check(counts, exact[pos].float(), stats)))
+    return results
+
+
+@pytest.mark.parametrize("name,sampling,tree,kind", E2E_CASES, ids=[c[0] for c in E2E_CASES])
+def test_speculative_sampling_matches_exact_target_distribution(small_target, oracle_draft, stats,
+                                                                name, sampling, tree, kind):
+    exact = exact_marginals(small_target, PROMPT, sampling)
+    assert float(exact[1].max()) < 0.9 and int((exact[1] > 0.02).sum()) >= 3   # a non-trivial target
+    accepted = []
+    samples = sample_runs(small_target, _draft_factory(kind, small_target, oracle_draft),
+                          GenerationConfig(sampling=sampling, tree=tree), N_RUNS, seed0=1000, accepted=accepted)
+    for pos, ok, pv, tv in _marginal_checks(samples, exact, stats):
+        assert ok, f"{name}: x{pos} p-value {pv:.2e}, TV {tv:.4f}"
+    # acceptance really happened (the check is not only about bonus tokens)
+    mean_acc = sum(accepted) / len(accepted)
+    assert mean_acc > (0.8 if kind == "oracle" else 0.2), f"mean accepted per run {mean_acc:.2f}"
+    if sampling.top_k:
+        assert set(samples[:, 0].tolist()) <= set(exact[0].nonzero().flatten().tolist())
+
+
+def test_plain_sampling_matches_exact_target_distribution(small_target, stats):
+    """Calibration of the check itself: plain sampling passes it."""
+    sampling = SamplingConfig(temperature=1.3)
+    exact = exact_marginals(small_target, PROMPT, sampling)
+    out = []
+    for i in range(N_RUNS):
+        steps = plain_generate(small_target, PROMPT, GenerationConfig(
+            max_new_tokens=NEW_E2E, sampling=sampling, seed=1000 + i, stop_at_eos=False))
+        out.append([t for s in steps for t in s.new_tokens])
+    for pos, ok, pv, tv in _marginal_checks(torch.tensor(out), exact, stats):
+        assert ok, f"plain x{pos}: p-value {pv:.2e}, TV {tv:.4f}"
+
+
+def test_wrong_rule_in_the_decoder_fails_end_to_end(small_target, oracle_draft, stats, monkeypatch):
+    """Negative control end to end: the decoder with a residual-free acceptance rule must
+    fail the same x2/x3 check that the real rule passes."""
+    monkeypatch.setattr(hass.decode, "accept_sampling", wrong_no_residual)
+    sampling = SamplingConfig(temperature=0.7)
+    exact = exact_marginals(small_target, PROMPT, sampling)
+    samples = sample_runs(small_target, _draft_factory("oracle", small_target, oracle_draft),
+                          GenerationConfig(sampling=sampling, tree=TreeConfig(8, 3, 3)), 1000, seed0=1000)
+    results = _marginal_checks(samples, exact, stats)
+    assert results[0][1], "x1 comes from prefill and must still be right"
+    assert not results[1][1] or not results[2][1], f"wrong rule passed: {results}"
