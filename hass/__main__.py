@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 
     e = sub.add_parser("eval-draft", help="held-out accuracy per alignment pass and tau on the eval sets")
     _add_model_args(e)
@@ -190,8 +191,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .losses import LossConfig
     from .train import TrainConfig, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         data=str(args.data), out=str(args.out),
         loss=LossConfig(args.align_steps, args.topk, args.topk_weight, args.reg_weight, args.cls_weight),

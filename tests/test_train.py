@@ -1,0 +1,123 @@
+"""Draft training end to end on a tiny target saved as a model folder."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hass.draft as draft_mod
+from hass.data import Dialogue, prepare
+from hass.draft import DraftLoadError, load_draft, new_draft, save_draft
+from hass.losses import LossConfig
+from hass.target import load_target
+from hass.train import STATE_FILE, TrainConfig, train
+
+DIALOGUES = [
+    Dialogue(str(i), [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    for i, (q, a) in enumerate([
+        ("Count to five.", "one two three four five"),
+        ("Name three colours.", "red, green and blue"),
+        ("Say hello.", "Hello! How can I help you today?"),
+        ("What is 2+2?", "2+2 is 4."),
+        ("Spell cat.", "c a t"),
+        ("Count to five again.", "one two three four five"),
+    ])
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random 2-layer LLaMA with the default model's tokenizer, saved as a model folder."""
+    default = load_target("default")
+    tok = default.tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=default.config.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    folder = tmp_path_factory.mktemp("tiny-target")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-data")
+    target = load_target(str(tiny_folder))
+    prepare(target, DIALOGUES, out, max_len=128, progress=False, target_spec=str(tiny_folder))
+    return out
+
+
+def _cfg(data_dir, out, **kw) -> TrainConfig:
+    base = dict(data=str(data_dir), out=str(out), lr=3e-3, batch_size=2, epochs=100, noise=0.0,
+                loss=LossConfig(align_steps=3), checkpoint_minutes=60, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_loss_and_writes_a_loadable_draft(data_dir, tiny_folder, tmp_path):
+    seen: list[dict] = []
+    out = train(_cfg(data_dir, tmp_path / "d", max_steps=200, lr=1e-2, draft_vocab=512), on_metrics=seen.append,
+                device="cpu")
+    assert len(seen) == 200
+    first = sum(m["loss_1"] + m["loss_3"] for m in seen[:5])
+    last = sum(m["loss_1"] + m["loss_3"] for m in seen[-5:])
+    assert last < 0.85 * first, (first, last)
+    target = load_target(str(tiny_folder))
+    d = load_draft(out, target.config)
+    assert d.token_map is not None and d.token_map.numel() <= 512
+    assert (out / "metrics.jsonl").read_text().count("\n") == 200
+
+
+def test_checkpoint_round_trip_gives_same_outputs(tiny_folder, tmp_path):
+    target = load_target(str(tiny_folder))
+    d = new_draft(target.config, seed=3, token_map=torch.tensor([5, 9, 200, 7000]))
+    save_draft(d, tmp_path / "x")
+    d2 = load_draft(tmp_path / "x", target.config)
+    f, e = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    pos = torch.arange(4)[None]
+    torch.testing.assert_close(d(f, e, pos)[0], d2(f, e, pos)[0], rtol=0, atol=0)
+    assert torch.equal(d2.token_map, torch.tensor([5, 9, 200, 7000]))
+
+
+def test_resume_continues_from_its_step(data_dir, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(data_dir, out, max_steps=3), device="cpu")
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 3
+    seen: list[dict] = []
+    train(_cfg(data_dir, out, max_steps=6, resume=True), on_metrics=seen.append, device="cpu")
+    assert [m["step"] for m in seen] == [4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_draft_of_another_target_is_refused(data_dir, tmp_path):
+    other = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2)
+    save_draft(new_draft(other), tmp_path / "other")
+    with pytest.raises(DraftLoadError, match="shape"):
+        train(_cfg(data_dir, tmp_path / "o", max_steps=1, init=str(tmp_path / "other")), device="cpu")
+
+
+def test_full_disk_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    train(_cfg(data_dir, out, max_steps=2), device="cpu")
+    good = (out / "model.safetensors").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(draft_mod, "save_file", no_space)
+    with pytest.raises(OSError, match="No space"):
+        train(_cfg(data_dir, out, max_steps=4, resume=True), device="cpu")
+    assert (out / "model.safetensors").read_bytes() == good
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(_cfg(tmp_path / "nothing", tmp_path / "o", max_steps=1), device="cpu")
