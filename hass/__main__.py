@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=128)
     _add_tree_args(e)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
+
+    cd = sub.add_parser("card", help="write card.md for a trained draft from its own run files")
+    cd.add_argument("--draft", required=True, type=Path)
+    cd.add_argument("--title", required=True)
+    cd.add_argument("--data", type=Path, default=None, help="the prepared data folder (for its counts)")
+    cd.add_argument("--command", default="", help="the command line that reproduces the run")
 
     c = sub.add_parser("cost", help="measure load time, plain tokens/s and verify-forward cost per tree size")
     _add_model_args(c)
@@ -229,6 +236,8 @@ def cmd_eval_draft(args) -> int:
     report["sets"] = sets
     report["mean_tau"] = sum(v["tau"] for v in sets.values()) / max(len(sets), 1)
     report["mean_tau_macro"] = sum(v["tau_macro"] for v in sets.values()) / max(len(sets), 1)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report))
     else:
@@ -242,7 +251,14 @@ def cmd_eval_draft(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+def cmd_card(args) -> int:
+    from .card import write_card
+    meta = json.loads((args.data / "meta.json").read_text()) if args.data else None
+    print(write_card(args.draft, args.title, meta, args.command))
+    return 0
+
+
+COMMANDS = {"card": cmd_card, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
             "cost": cmd_cost}
 
 

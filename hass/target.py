@@ -12,10 +12,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
@@ -246,7 +248,33 @@ def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, spec
     return model, tok
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub (or $HF_ENDPOINT), so offline machines fail in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool):
+    kw = dict(trust_remote_code=trust_remote_code)
+    try:      # already in the local Hugging Face cache: no network needed
+        tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, attn_implementation="sdpa",
+                                                     local_files_only=True, **kw)
+        _check_causal(model)
+        return model, tok
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"could not load {hub_id!r}: the Hugging Face hub is not reachable from this machine (offline?) and "
+            "the model is not in the local cache. Tried: no local folder or .gguf file by that name exists, then "
+            "the hub. Download the model elsewhere and pass its local folder.")
     try:
         tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=trust_remote_code,

@@ -214,8 +214,8 @@ def test_save_load_round_trip(tmp_path, tiny_target, prompts):
 
 def test_load_official_eagle_layout(tmp_path, tiny_target, random_draft, prompts):
     """Official EAGLE/HASS checkpoints may prefix keys with 'model.' and carry embed_tokens."""
-    state = {f"model.{k}": v.contiguous() for k, v in random_draft.state_dict().items() if not k.startswith("rotary.")
-             and v is not None and k != "token_map"}
+    state = {f"model.{k}": v.contiguous() for k, v in random_draft.state_dict().items()
+             if not k.startswith("rotary.") and k != "token_map"}
     state["embed_tokens.weight"] = torch.zeros(tiny_target.vocab_size, tiny_target.hidden_size)
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))

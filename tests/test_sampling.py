@@ -297,13 +297,14 @@ def exact_marginals(target, prompt, cfg: SamplingConfig):
     joint12 = p1[:, None] * p21
     p2 = joint12.sum(0)
     p3 = (joint12[:, :, None] * p3c).sum((0, 1))
-    return p1, p2, p3
+    return p1, p2, p3, (p1, p21, p3c)
 
 
 NEW_E2E = 4       # x1 from prefill; the first cycle may then accept x2 AND x3 (depth <= 2) + a bonus
 
 
-def sample_runs(target, draft_for, cfg: GenerationConfig, n: int, seed0: int, accepted: list | None = None):
+def sample_runs(target, draft_for, cfg: GenerationConfig, n: int, seed0: int, accepted: list | None = None,
+                reported: list | None = None):
     out = []
     for i in range(n):
         steps = list(speculative_generate(target, draft_for(), PROMPT, GenerationConfig(
@@ -313,6 +314,8 @@ def sample_runs(target, draft_for, cfg: GenerationConfig, n: int, seed0: int, ac
         out.append(toks)
         if accepted is not None:
             accepted.append(sum(s.accepted for s in steps))
+        if reported is not None:
+            reported.append([p for s in steps for p in s.target_prob][:3])
     return torch.tensor(out)
 
 
@@ -346,11 +349,18 @@ def test_speculative_sampling_matches_exact_target_distribution(small_target, or
                                                                 name, sampling, tree, kind):
     exact = exact_marginals(small_target, PROMPT, sampling)
     assert float(exact[1].max()) < 0.9 and int((exact[1] > 0.02).sum()) >= 3   # a non-trivial target
-    accepted = []
+    accepted, reported = [], []
     samples = sample_runs(small_target, _draft_factory(kind, small_target, oracle_draft),
-                          GenerationConfig(sampling=sampling, tree=tree), N_RUNS, seed0=1000, accepted=accepted)
+                          GenerationConfig(sampling=sampling, tree=tree), N_RUNS, seed0=1000, accepted=accepted,
+                          reported=reported)
     for pos, ok, pv, tv in _marginal_checks(samples, exact, stats):
         assert ok, f"{name}: x{pos} p-value {pv:.2e}, TV {tv:.4f}"
+    # every step reports the target's (filtered) probability of the token it emitted
+    p1, p21, p3c = exact[3]
+    x1, x2, x3 = samples[:, 0], samples[:, 1], samples[:, 2]
+    want = torch.stack((p1[x1], p21[x1, x2], p3c[x1, x2, x3]), 1).float()
+    torch.testing.assert_close(torch.tensor(reported), want, atol=1e-4, rtol=1e-4)
+    assert bool((want > 0).all())                      # nothing outside the top-k / top-p support
     # acceptance really happened (the check is not only about bonus tokens)
     mean_acc = sum(accepted) / len(accepted)
     assert mean_acc > (0.8 if kind == "oracle" else 0.2), f"mean accepted per run {mean_acc:.2f}"

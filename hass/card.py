@@ -1,0 +1,73 @@
+"""Training cards: what a shipped draft was trained on, how long, and how well it drafts.
+
+Every figure comes from files the training and evaluation commands wrote
+(train_config.json, metrics.jsonl, train_state.pt, eval.json), never typed by hand.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _last_metrics(folder: Path) -> dict:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def write_card(folder: str | Path, title: str, data_meta: dict | None = None, command: str = "") -> Path:
+    """Write <folder>/card.md from the run's own files."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "train_config.json").read_text())
+    last = _last_metrics(folder)
+    state = {}
+    if (folder / "train_state.pt").is_file():
+        s = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        state = {"step": s.get("step"), "tokens": s.get("tokens"), "elapsed_s": s.get("elapsed_s")}
+    ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").is_file() else None
+    draft_cfg = json.loads((folder / "config.json").read_text())
+    vocab = draft_cfg.get("hass", {}).get("draft_vocab_size") or draft_cfg.get("vocab_size")
+    loss = cfg.get("loss", {})
+    lines = [f"# {title}", ""]
+    lines += ["## Training", "",
+              f"- data: `{cfg.get('data')}`" + (f" ({data_meta['counts']['dialogues']} dialogues, "
+                                                   f"{data_meta['counts']['tokens']} tokens, "
+                                                   f"{data_meta['counts']['loss_tokens']} loss tokens, "
+                                                   f"max length {data_meta['max_len']})" if data_meta else ""),
+              f"- objective: n = {loss.get('align_steps')} alignment passes, top-K distillation K = "
+              f"{loss.get('topk')} with weight w = {loss.get('topk_weight')}, regression {loss.get('reg_weight')}, "
+              f"classification {loss.get('cls_weight')}",
+              f"- draft vocabulary: {vocab} tokens" + (" (most frequent trained-on tokens; token map)"
+                                                      if draft_cfg.get("hass", {}).get("draft_vocab_size") else ""),
+              f"- optimiser: AdamW lr {cfg.get('lr')}, betas {cfg.get('betas')}, warm-up {cfg.get('warmup_frac')}, "
+              f"linear decay, clip by value {cfg.get('grad_clip_value')}, feature noise {cfg.get('noise')}, "
+              f"batch {cfg.get('batch_size')} dialogues, seed {cfg.get('seed')}",
+              f"- steps: {state.get('step')}, epochs: {last.get('epoch', 0):.2f}, tokens trained on: "
+              f"{state.get('tokens')}, wall time: {(state.get('elapsed_s') or 0) / 60:.1f} min",
+              ]
+    if last:
+        accs = [f"{last[k]:.3f}" for k in sorted(k for k in last if k.startswith("acc_"))]
+        lines.append(f"- last logged training top-1 accuracy per pass: {', '.join(accs)}")
+    if command:
+        lines += ["", "Reproduce:", "", "```bash", command, "```"]
+    if ev:
+        lines += ["", "## Evaluation (`python -m hass eval-draft`)", "",
+                  f"Tree {ev['tree']}, T = 0, first {ev['questions_per_set']} questions per set, "
+                  f"{ev['max_new_tokens']} new tokens.", ""]
+        if "heldout" in ev:
+            acc = ", ".join(f"{a:.3f}" for a in ev["heldout"]["accuracy_per_pass"])
+            lines.append(f"Held-out top-1 accuracy per alignment pass: {acc} "
+                         f"({ev['heldout']['tokens']} tokens, {ev['heldout']['dialogues']} dialogues).")
+            lines.append("")
+        lines += ["| set | tau (pooled) | tau (macro) | per-depth acceptance |", "|---|---|---|---|"]
+        for name, v in ev["sets"].items():
+            pda = " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"])
+            lines.append(f"| {name} | {v['tau']:.3f} | {v['tau_macro']:.3f} | {pda} |")
+        lines.append(f"| mean | {ev['mean_tau']:.3f} | {ev['mean_tau_macro']:.3f} | |")
+    path = folder / "card.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
