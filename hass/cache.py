@@ -7,6 +7,7 @@ from transformers import Cache
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+@torch.inference_mode()
 def compact(cache: Cache, prefix_len: int, keep: torch.Tensor) -> None:
     """In place: slots prefix_len + keep move to prefix_len.., everything after is dropped.
 

@@ -61,7 +61,7 @@ def _check_prompt(target: Target, input_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([list(map(int, input_ids))], device=target.device)
     if int(ids.min()) < 0 or int(ids.max()) >= target.vocab_size:
         raise ValueError(f"token ids must lie in [0, {target.vocab_size})")
-    if ids.shape[1] + 1 >= target.max_length:
+    if ids.shape[1] >= target.max_length:
         raise ValueError(f"prompt too long: {ids.shape[1]} tokens, the model's context is {target.max_length} "
                          "(shorten the prompt or clear the chat history)")
     return ids
@@ -94,8 +94,8 @@ class _Emitter:
             stop = stop or "max_new_tokens"
         position = self.prompt_len + self.emitted
         self.emitted += len(tokens)
-        if stop is None and self.prompt_len + self.emitted + 1 >= self.max_len:
-            stop = "context"          # no room left for another token position
+        if stop is None and self.prompt_len + self.emitted >= self.max_len:
+            stop = "context"          # every position of the context is used
         accepted = sum(s.startswith("draft") for s in sources)
         st = Step(index=self.index, kind=kind, tree=tree, path=path, accepted=accepted, new_tokens=tokens,
                   sources=sources, target_prob=probs, timings=timings, position=position, stop_reason=stop)
@@ -176,6 +176,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     yield step
 
     while step.stop_reason is None:
+        # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
         depth = min(cfg.tree.depth, target.max_length - 2 - n, em.remaining - 1)
         tree = drafter.grow(root, n, cfg.tree, depth)
         t_draft = clock.lap()

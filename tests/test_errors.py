@@ -287,14 +287,14 @@ def test_bad_prompts_raise_at_creation(tiny_target, random_draft, loop):
     with pytest.raises(ValueError, match="empty prompt"):
         make([])
     n = tiny_target.max_length
-    for length in (n - 1, n, n + 50):
+    for length in (n, n + 50):
         with pytest.raises(ValueError, match="prompt too long"):
             make([1] * length)
     with pytest.raises(ValueError, match="token ids"):
         make([1, tiny_target.vocab_size])
     with pytest.raises(ValueError, match="token ids"):
         make([-1, 2])
-    make([1] * (n - 2))                                        # the longest prompt that fits is fine
+    make([1] * (n - 1))                                        # the longest prompt that fits: one new token
 
 
 def test_draft_for_another_hidden_size_is_rejected(tiny_target, make_target):

@@ -203,7 +203,7 @@ def _check_context_stop(target, draft_for, prompts, run, shape, rooms, seed):
         prompt = base[:max_len - room]
         ptoks, psteps = run(plain_generate(target, prompt, cfg))
         assert psteps[-1].stop_reason == "context"
-        assert len(prompt) + len(ptoks) <= max_len
+        assert len(prompt) + len(ptoks) == max_len         # every position is used, none beyond
         stoks, ssteps = run(speculative_generate(target, draft_for(prompt), prompt, cfg))
         assert ssteps[-1].stop_reason == "context"
         assert stoks == ptoks, (f"prompt {len(prompt)} tokens (context {max_len}): plain emitted {len(ptoks)}, "
@@ -213,27 +213,28 @@ def _check_context_stop(target, draft_for, prompts, run, shape, rooms, seed):
 @pytest.mark.parametrize("kind", ["random", "matched", "corrupted"])
 @pytest.mark.parametrize("shape", ["deep", "eagle2-60-6-10"])
 def test_context_limit_stops_cleanly(short_target, oracle_draft, prompts, run, kind, shape):
-    """Prompts ending 2..20 positions before max_position_embeddings: both loops stop with
+    """Prompts ending 1..20 positions before max_position_embeddings: both loops stop with
     stop_reason 'context' after the same tokens, without raising."""
     random_draft = new_draft(short_target.config, seed=3)
     _check_context_stop(short_target, lambda p: _draft_for(kind, short_target, p, random_draft, oracle_draft),
-                        prompts, run, shape, range(2, 21), seed=99)
+                        prompts, run, shape, range(1, 21), seed=99)
 
 
 @pytest.mark.parametrize("kind", ["random", "matched"])
 def test_context_limit_on_512_positions(tiny_target, random_draft, oracle_draft, prompts, run, kind):
     _check_context_stop(tiny_target, lambda p: _draft_for(kind, tiny_target, p, random_draft, oracle_draft),
-                        prompts, run, "eagle2-60-6-10", (2, 6, 11), seed=7)
+                        prompts, run, "eagle2-60-6-10", (1, 2, 6, 11), seed=7)
 
 
 def test_longest_allowed_prompt(tiny_target, random_draft, oracle_draft, prompts, run):
     max_len = tiny_target.max_length
-    prompt = prompts(1, tiny_target.vocab_size, max_len - 2, max_len - 2, seed=5)[0]
+    prompt = prompts(1, tiny_target.vocab_size, max_len - 1, max_len - 1, seed=5)[0]
     cfg = GenerationConfig(max_new_tokens=10, tree=SHAPES["eagle2-60-6-10"])
     ptoks, psteps = run(plain_generate(tiny_target, prompt, cfg))
     for draft in (random_draft, oracle_draft(tiny_target, prompt)):
         stoks, ssteps = run(speculative_generate(tiny_target, draft, prompt, cfg))
         assert stoks == ptoks and ssteps[-1].stop_reason == psteps[-1].stop_reason == "context"
+        assert len(stoks) == 1                 # the last position of the context is still used
 
 
 def test_reduced_draft_vocabulary(tiny_target, oracle_draft, greedy_prompts, plain_outputs, run):
