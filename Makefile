@@ -23,3 +23,39 @@ test: setup
 
 clean-cache:
 	rm -rf $${HASS_CACHE:-$$HOME/.cache/hass-studio}/models
+
+# -- the shipped drafts (long: hours on a CPU; every step resumes) -------------------------
+DATA ?= $${HASS_CACHE:-$$HOME/.cache/hass-studio}/data
+PREP_LIMIT ?= 1500
+MAX_LEN ?= 1024
+TRAIN_FLAGS ?= --draft-vocab 8192 --lr 1e-3 --warmup 0.02 --batch-size 4 --threads 1
+EPOCHS ?= 2
+DRAFTS := assets/drafts
+RUNS := runs/drafts
+
+.PHONY: prepare drafts draft-hass draft-eagle2 eval-drafts
+
+prepare: setup
+	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)
+	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-heldout-$(MAX_LEN) --split held-out --limit 64 --max-len $(MAX_LEN)
+
+draft-hass: setup
+	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass \
+		--align-steps 3 --topk-weight 1.0 --epochs $(EPOCHS) $(TRAIN_FLAGS) $(RESUME)
+
+draft-eagle2: setup
+	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-eagle2 \
+		--align-steps 1 --topk-weight 0.0 --epochs $(EPOCHS) $(TRAIN_FLAGS) $(RESUME)
+
+drafts: prepare
+	$(MAKE) -j2 draft-hass draft-eagle2
+	$(MAKE) eval-drafts
+
+eval-drafts: setup
+	for d in hass eagle2; do \
+		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d --heldout $(DATA)/sharegpt-heldout-$(MAX_LEN) \
+			--questions 10 --out $(RUNS)/smollm2-135m-$$d/eval.json && \
+		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d --out $(DRAFTS)/smollm2-135m-$$d \
+			--data $(DATA)/sharegpt-train-$(MAX_LEN) \
+			--title "SmolLM2-135M-Instruct $$d draft" --command "make drafts EPOCHS=$(EPOCHS)"; \
+	done

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
-    cd = sub.add_parser("card", help="write card.md for a trained draft from its own run files")
-    cd.add_argument("--draft", required=True, type=Path)
+    cd = sub.add_parser("card", help="ship a trained draft (fp16) with a card written from its own run files")
+    cd.add_argument("--draft", required=True, type=Path, help="the training output folder")
+    cd.add_argument("--out", type=Path, default=None, help="export here (fp16 + card); default: card in place")
     cd.add_argument("--title", required=True)
     cd.add_argument("--data", type=Path, default=None, help="the prepared data folder (for its counts)")
     cd.add_argument("--command", default="", help="the command line that reproduces the run")
@@ -252,9 +253,12 @@ def cmd_eval_draft(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .card import write_card
+    from .card import export_draft, write_card
     meta = json.loads((args.data / "meta.json").read_text()) if args.data else None
-    print(write_card(args.draft, args.title, meta, args.command))
+    if args.out:
+        print(export_draft(args.draft, args.out, args.title, meta, args.command))
+    else:
+        print(write_card(args.draft, args.title, meta, args.command))
     return 0
 
 

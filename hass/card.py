@@ -19,13 +19,36 @@ def _last_metrics(folder: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def export_draft(src: str | Path, dst: str | Path, title: str, data_meta: dict | None = None,
+                 command: str = "") -> Path:
+    """Ship a trained draft: fp16 weights + config, the run's config, metrics and eval, and a card."""
+    import shutil
+
+    from .draft import _atomic_write
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
+    _atomic_write(dst / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    for name in ("config.json", "train_config.json", "metrics.jsonl", "eval.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    if (src / "train_state.pt").is_file():      # the card reads steps and wall time from it
+        s = torch.load(src / "train_state.pt", map_location="cpu", weights_only=True)
+        (dst / "train_state.json").write_text(json.dumps({k: s.get(k) for k in ("step", "tokens", "elapsed_s")}))
+    return write_card(dst, title, data_meta, command)
+
+
 def write_card(folder: str | Path, title: str, data_meta: dict | None = None, command: str = "") -> Path:
     """Write <folder>/card.md from the run's own files."""
     folder = Path(folder)
     cfg = json.loads((folder / "train_config.json").read_text())
     last = _last_metrics(folder)
     state = {}
-    if (folder / "train_state.pt").is_file():
+    if (folder / "train_state.json").is_file():
+        state = json.loads((folder / "train_state.json").read_text())
+    elif (folder / "train_state.pt").is_file():
         s = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
         state = {"step": s.get("step"), "tokens": s.get("tokens"), "elapsed_s": s.get("elapsed_s")}
     ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").is_file() else None
