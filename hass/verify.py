@@ -75,10 +75,9 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Ten
     full = (anc & ~ok[None, :]).sum(-1) == 0                # every node on the way is accepted
     last = int(torch.where(full, depths, -1).argmax())      # at most one fully accepted node per depth
     path = anc[last].nonzero().flatten()                     # ascending index = root-to-node order
-    probs = torch.softmax(logits.float(), -1)
-    parent_rows = path[:-1]
+    # row path[i] of the logits predicts the token after node path[i]: the next path token, then the bonus
     chosen = torch.cat((tokens[path[1:]], argmax[last:last + 1]))
-    p = probs[torch.cat((parent_rows, path[-1:])), chosen]
+    p = torch.softmax(logits[path].float(), -1).gather(-1, chosen[:, None])[:, 0]
     return Verdict(path.tolist(), int(argmax[last]), p.tolist())
 
 

