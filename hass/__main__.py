@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--data", type=Path, default=None, help="the prepared data folder (for its counts)")
     cd.add_argument("--command", default="", help="the command line that reproduces the run")
 
+    b = sub.add_parser("bench", help="side-by-side benchmark of plain, HASS, EAGLE-2 and transformers' decoders")
+    _add_model_args(b)
+    b.add_argument("--sets", default="mt_bench,humaneval,gsm8k", help="set names or JSONL files with `turns`")
+    b.add_argument("--limit", type=int, default=10, help="questions per set")
+    b.add_argument("--methods", default=",".join(("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")))
+    b.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="extra draft methods")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, nargs="+", default=[0.0])
+    _add_tree_args(b)
+    b.add_argument("--out", type=Path, default=Path("runs/bench"))
+    b.add_argument("--json", action="store_true", help="print only the summary JSON")
+
     c = sub.add_parser("cost", help="measure load time, plain tokens/s and verify-forward cost per tree size")
     _add_model_args(c)
     c.add_argument("--sizes", default="1,8,16,32,60", help="tree sizes (tokens per verify forward)")
@@ -175,6 +187,70 @@ def cmd_generate(args) -> int:
         print(f"[{args.mode}] {len(token_ids)} tokens in {wall:.2f}s = {len(token_ids) / max(wall, 1e-9):.1f} tok/s | "
               f"target forwards {s.target_forwards} | tau {s.tau:.2f} | stop: {s.stop_reason}"
               + (f" | draft: {draft_label}" if draft_label else ""))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .assets import resolve_draft
+    from .evalsets import load_set
+    from .target import load_target
+    from .tree import TreeConfig
+
+    tree = TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
+    if args.max_new_tokens < 1 or args.limit < 1:
+        raise ValueError("--max-new-tokens and --limit must be >= 1")
+    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    extra = dict(d.split("=", 1) for d in args.draft if "=" in d)
+    if len(extra) != len(args.draft):
+        raise ValueError("--draft takes NAME=DIR")
+    runners: dict = {}
+    for name in names + list(extra):
+        if name == "plain":
+            runners[name] = bench.plain_runner(target)
+        elif name in ("hass", "eagle2") or name in extra:
+            draft, label = resolve_draft(extra.get(name, name), target)
+            runners[name] = bench.draft_runner(target, draft, tree)
+        elif name in ("hf-generate", "hf-prompt-lookup"):
+            runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
+        else:
+            raise ValueError(f"unknown method {name!r} (known: {', '.join(bench.BUILTIN_METHODS)}, or --draft NAME=DIR)")
+    if "plain" in runners:                      # plain first: it is the reference for equality and speedup
+        runners = {"plain": runners.pop("plain"), **runners}
+    questions = [q for s in args.sets.split(",") if s for q in load_set(s, args.limit)]
+    warm = target.render([{"role": "user", "content": "Say hello."}])
+    for run in runners.values():                # warm-up: allocator, kernels, caches
+        run(warm, 8, 0.0, 0)
+    bandwidth = bench.memory_bandwidth(target.device)
+    results = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for temp in args.temperature:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(q.turns) for q in questions) * len(runners), desc=f"bench T={temp}",
+                   disable=args.json)
+        records = bench.interleave(questions, runners, args.max_new_tokens, temp, target.render, target.decode,
+                                   on_record=lambda r: bar.update(1))
+        bar.close()
+        summary = bench.summarize_records(records, target.weight_bytes(), bandwidth)
+        results[str(temp)] = {"summary": summary, "records": bench.as_dicts(records)}
+    first = results[str(args.temperature[0])]["summary"]
+    report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
+              "machine": {"device": str(target.device), "threads": torch.get_num_threads(),
+                          "bandwidth_bytes_per_s": bandwidth},
+              "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
+                           "max_new_tokens": args.max_new_tokens, "tree": [tree.total_tokens, tree.depth, tree.top_k],
+                           "methods": list(runners)}}
+    (args.out / "bench.json").write_text(json.dumps({**report, "records": {t: r["records"] for t, r in results.items()}}))
+    if args.json:
+        print(json.dumps({"sets": first["sets"], "mean": first["mean"]}))
+    else:
+        for t, r in results.items():
+            print(f"\n## T = {t}\n")
+            print(bench.markdown_table(r["summary"], bandwidth))
+        print(f"\nrecords and summary: {args.out / 'bench.json'}")
     return 0
 
 
@@ -263,7 +339,7 @@ def cmd_card(args) -> int:
 
 
 COMMANDS = {"card": cmd_card, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
-            "cost": cmd_cost}
+            "bench": cmd_bench, "cost": cmd_cost}
 
 
 def main(argv: list[str] | None = None) -> int:
