@@ -246,3 +246,23 @@ def stats():
 def prompts():
     """Factory: prompts(n, vocab, min_len, max_len, seed) -> list of token-id lists."""
     return random_prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random 2-layer LLaMA with the default model's tokenizer (real chat template), saved
+    as a model folder, for the commands that load a target by spec (train, bench, tune)."""
+    from hass.target import load_target
+
+    default = load_target("default")
+    tok = default.tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          eos_token_id=default.config.eos_token_id, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+    folder = tmp_path_factory.mktemp("tiny-target")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

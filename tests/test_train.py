@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 import hass.draft as draft_mod
 from hass.data import Dialogue, prepare
@@ -26,22 +26,6 @@ DIALOGUES = [
         ("Count to five again.", "one two three four five"),
     ])
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A random 2-layer LLaMA with the default model's tokenizer, saved as a model folder."""
-    default = load_target("default")
-    tok = default.tokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=default.config.eos_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    folder = tmp_path_factory.mktemp("tiny-target")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
