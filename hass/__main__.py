@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -20,9 +21,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--total-tokens", type=int, default=60, help="draft tree nodes incl. the root (EAGLE-2)")
-    p.add_argument("--depth", type=int, default=6, help="draft tree depth")
-    p.add_argument("--top-k", type=int, default=10, help="children per expanded node")
+    p.add_argument("--total-tokens", type=int, default=None,
+                   help="draft tree nodes incl. the root (default: the device profile from `tune`, else 60)")
+    p.add_argument("--depth", type=int, default=None, help="draft tree depth (default: profile, else 6)")
+    p.add_argument("--top-k", type=int, default=None, help="children per expanded node (default: profile, else 10)")
+
+
+def _tree(args, target, draft_label: str):
+    from .profile import resolve_tree
+    tree, source = resolve_tree(args.total_tokens, args.depth, args.top_k, target.device, target.name,
+                                draft_label)
+    logging.getLogger("hass").info("tree %d/%d/%d (%s)", tree.total_tokens, tree.depth, tree.top_k, source)
+    return tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("runs/bench"))
     b.add_argument("--json", action="store_true", help="print only the summary JSON")
 
+    tn = sub.add_parser("tune", help="measure and save the fastest draft tree for this device")
+    _add_model_args(tn)
+    tn.add_argument("--draft", default="default")
+    tn.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
+    tn.add_argument("--questions", type=int, default=3, help="prompts per set")
+    tn.add_argument("--max-new-tokens", type=int, default=64)
+    tn.add_argument("--top-ks", default="2,4,6,8,10")
+    tn.add_argument("--max-depth", type=int, default=6)
+    tn.add_argument("--sizes", default="4,6,8,12,16,20,24,32,40,48,60")
+    tn.add_argument("--finalists", type=int, default=3)
+    tn.add_argument("--json", action="store_true")
+
     c = sub.add_parser("cost", help="measure load time, plain tokens/s and verify-forward cost per tree size")
     _add_model_args(c)
     c.add_argument("--sizes", default="1,8,16,32,60", help="tree sizes (tokens per verify forward)")
@@ -149,14 +171,16 @@ def cmd_generate(args) -> int:
 
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling),
-        tree=TreeConfig(args.total_tokens, args.depth, args.top_k), seed=args.seed)
+        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling), seed=args.seed)
     cfg.validate()
+    if None not in (args.total_tokens, args.depth, args.top_k):
+        TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
     messages = _read_messages(args)
     target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
     ids = target.render(messages)
     if args.mode == "hass":
         draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
+        cfg = dataclasses.replace(cfg, tree=_tree(args, target, draft_label))
         steps_iter = speculative_generate(target, draft, ids, cfg)
     else:
         draft_label = None
@@ -197,9 +221,7 @@ def cmd_bench(args) -> int:
     from .assets import resolve_draft
     from .evalsets import load_set
     from .target import load_target
-    from .tree import TreeConfig
 
-    tree = TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
     if args.max_new_tokens < 1 or args.limit < 1:
         raise ValueError("--max-new-tokens and --limit must be >= 1")
     target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
@@ -208,11 +230,14 @@ def cmd_bench(args) -> int:
     if len(extra) != len(args.draft):
         raise ValueError("--draft takes NAME=DIR")
     runners: dict = {}
+    trees: dict = {}
     for name in names + list(extra):
         if name == "plain":
             runners[name] = bench.plain_runner(target)
         elif name in ("hass", "eagle2") or name in extra:
             draft, label = resolve_draft(extra.get(name, name), target)
+            tree = _tree(args, target, label)
+            trees[name] = [tree.total_tokens, tree.depth, tree.top_k]
             runners[name] = bench.draft_runner(target, draft, tree)
         elif name in ("hf-generate", "hf-prompt-lookup"):
             runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
@@ -241,7 +266,7 @@ def cmd_bench(args) -> int:
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(),
                           "bandwidth_bytes_per_s": bandwidth},
               "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
-                           "max_new_tokens": args.max_new_tokens, "tree": [tree.total_tokens, tree.depth, tree.top_k],
+                           "max_new_tokens": args.max_new_tokens, "trees": trees,
                            "methods": list(runners)}}
     (args.out / "bench.json").write_text(json.dumps({**report, "records": {t: r["records"] for t, r in results.items()}}))
     if args.json:
@@ -251,6 +276,31 @@ def cmd_bench(args) -> int:
             print(f"\n## T = {t}\n")
             print(bench.markdown_table(r["summary"], bandwidth))
         print(f"\nrecords and summary: {args.out / 'bench.json'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .assets import resolve_draft
+    from .evalsets import load_set
+    from .profile import profile_path, save_profile
+    from .target import load_target
+    from .tree import TreeConfig
+    from .tune import tune
+    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    draft, label = resolve_draft(args.draft, target)
+    prompts = [target.render([{"role": "user", "content": q.turns[0]}])
+               for s in args.sets.split(",") if s for q in load_set(s, args.questions)]
+    report = tune(target, draft, prompts, args.max_new_tokens, tuple(int(k) for k in args.top_ks.split(",")),
+                  60, args.max_depth, tuple(int(n) for n in args.sizes.split(",")), args.finalists)
+    best = TreeConfig(*report["best"]["tree"])
+    path = save_profile(profile_path(target.device, target.name, label), best, {"draft": label, **report})
+    if args.json:
+        print(json.dumps({"profile": str(path), **report}))
+    else:
+        for f in report["finalists"]:
+            print(f"tree {f['tree']}: estimated tau {f['estimated_tau']:.2f}, estimated speedup "
+                  f"{f['estimated_speedup']:.2f}x, measured speedup {f['measured_speedup']:.2f}x")
+        print(f"best: {report['best']['tree']} -> {path}")
     return 0
 
 
@@ -298,7 +348,8 @@ def cmd_eval_draft(args) -> int:
     from .evaluate import heldout_accuracy, tau_on_set
     from .target import load_target
     from .tree import TreeConfig
-    tree = TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
+    tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree by default
+                      6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
     target = load_target(args.model, args.device, args.dtype)
     draft, label = resolve_draft(args.draft, target)
     report: dict = {"draft": label, "tree": [tree.total_tokens, tree.depth, tree.top_k],
@@ -339,7 +390,7 @@ def cmd_card(args) -> int:
 
 
 COMMANDS = {"card": cmd_card, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
-            "bench": cmd_bench, "cost": cmd_cost}
+            "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,7 @@ class _Emitter:
         return self.budget - self.emitted
 
     def step(self, kind: str, tree: DraftTree | None, path: list[int], tokens: list[int], sources: list[str],
-             probs: list[float], timings: dict[str, float]) -> Step:
+             probs: list[float], timings: dict[str, float], target_choice: list[int] | None = None) -> Step:
         stop = None
         for i, t in enumerate(tokens):
             if t in self.eos:
@@ -98,7 +98,8 @@ class _Emitter:
             stop = "context"          # every position of the context is used
         accepted = sum(s.startswith("draft") for s in sources)
         st = Step(index=self.index, kind=kind, tree=tree, path=path, accepted=accepted, new_tokens=tokens,
-                  sources=sources, target_prob=probs, timings=timings, position=position, stop_reason=stop)
+                  sources=sources, target_prob=probs, timings=timings, position=position, stop_reason=stop,
+                  target_choice=target_choice or [])
         self.index += 1
         return st
 
@@ -194,9 +195,10 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         new = tree.tokens[path[1:]].tolist() + [verdict.bonus]
         sources = [f"draft@{d}" for d in range(1, len(path))] + ["bonus"]
         event_tree = _event_tree(tree)
+        choice = logits[0].argmax(-1).tolist()
         t_other = clock.lap()
         step = em.step("speculative", event_tree, verdict.path, new, sources, verdict.probs,
-                       {"draft": t_draft, "verify": t_verify, "other": t_other})
+                       {"draft": t_draft, "verify": t_verify, "other": t_other}, choice)
         if step.stop_reason is None:
             nxt = torch.cat((tree.tokens[path[1:]], torch.tensor([verdict.bonus], device=dev)))[None]
             drafter.extend(feats[:, path], nxt, n)

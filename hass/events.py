@@ -40,6 +40,7 @@ class Step:
     timings: dict[str, float]   # seconds: draft, verify, other
     position: int = 0           # tokens in the sequence before this step's new tokens
     stop_reason: str | None = None   # "eos" | "max_new_tokens" | "context" on the last step
+    target_choice: list[int] = field(default_factory=list)   # per tree node: the target's greedy next token
 
     @property
     def seconds(self) -> float:

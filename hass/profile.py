@@ -1,0 +1,67 @@
+"""Per-device tree profiles: the tree shape `tune` measured to be fastest here.
+
+A profile is keyed by device kind, thread count, target and draft, so a laptop, a CPU
+server and a GPU each keep their own. Explicit settings always win over a profile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .target import cache_root
+from .tree import TreeConfig
+
+log = logging.getLogger(__name__)
+
+PAPER_TREE = TreeConfig(60, 6, 10)
+
+
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device.type}-{name}")
+
+
+def profile_path(device: torch.device, target_name: str, draft_label: str) -> Path:
+    key = f"{device_key(device)}__{target_name}__{Path(draft_label).name}"
+    return cache_root() / "profiles" / f"{key}.json"
+
+
+def save_profile(path: Path, tree: TreeConfig, details: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"total_tokens": tree.total_tokens, "depth": tree.depth, "top_k": tree.top_k,
+                               **details}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path: Path) -> TreeConfig | None:
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return TreeConfig(int(d["total_tokens"]), int(d["depth"]), int(d["top_k"])).validate()
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable tree profile %s: %s", path, exc)
+        return None
+
+
+def resolve_tree(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,
+                 target_name: str, draft_label: str) -> tuple[TreeConfig, str]:
+    """Explicit values win; missing ones come from this device's profile, else the paper's 60/6/10."""
+    prof = load_profile(profile_path(device, target_name, draft_label))
+    base, source = (prof, "device profile") if prof else (PAPER_TREE, "paper default")
+    tree = TreeConfig(total_tokens if total_tokens is not None else base.total_tokens,
+                      depth if depth is not None else base.depth,
+                      top_k if top_k is not None else base.top_k)
+    if None not in (total_tokens, depth, top_k):
+        source = "explicit"
+    return tree.validate(), source
