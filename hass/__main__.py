@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    t.add_argument("--snapshots", action="store_true", help="keep every checkpoint (to chart tau against time)")
 
     e = sub.add_parser("eval-draft", help="held-out accuracy per alignment pass and tau on the eval sets")
     _add_model_args(e)
@@ -337,7 +338,7 @@ def cmd_train(args) -> int:
         lr=args.lr, warmup_frac=args.warmup, noise=args.noise, grad_clip_value=args.grad_clip,
         batch_size=args.batch_size, epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
         seed=args.seed, resume=args.resume, init=args.init, checkpoint_minutes=args.checkpoint_minutes,
-        draft_vocab=args.draft_vocab)
+        draft_vocab=args.draft_vocab, snapshots=args.snapshots)
     out = train(cfg, device=args.device)
     print(f"draft written to {out}")
     return 0

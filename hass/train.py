@@ -48,6 +48,7 @@ class TrainConfig:
     resume: bool = False
     init: str | None = None            # start from this draft folder instead of random weights
     draft_vocab: int = 0               # > 0: restrict the draft to the N most frequent target tokens
+    snapshots: bool = False            # also keep every checkpoint under <out>/snapshots/step-N (tau vs time)
     checkpoint_minutes: float = 5.0
     log_every: int = 10
 
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
     def checkpoint() -> None:
         if acc.is_main_process:
             save_draft(acc.unwrap_model(model).draft, out)
+            if cfg.snapshots:
+                save_draft(acc.unwrap_model(model).draft, out / "snapshots" / f"step-{step:06d}")
             _atomic_torch_save({"step": step, "optimizer": opt.state_dict(), "tokens": tokens_seen,
                                 "elapsed_s": elapsed_before + time.perf_counter() - t_start}, out / STATE_FILE)
 
