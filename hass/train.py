@@ -208,7 +208,10 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
         if acc.is_main_process:
             save_draft(acc.unwrap_model(model).draft, out)
             if cfg.snapshots:
-                save_draft(acc.unwrap_model(model).draft, out / "snapshots" / f"step-{step:06d}")
+                snap = save_draft(acc.unwrap_model(model).draft, out / "snapshots" / f"step-{step:06d}")
+                (snap / "progress.json").write_text(json.dumps({
+                    "step": step, "epoch": step / steps_per_epoch, "tokens": tokens_seen,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start}))
             _atomic_torch_save({"step": step, "optimizer": opt.state_dict(), "tokens": tokens_seen,
                                 "elapsed_s": elapsed_before + time.perf_counter() - t_start}, out / STATE_FILE)
 
