@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
 import threading
 import time
@@ -215,6 +216,11 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
             _atomic_torch_save({"step": step, "optimizer": opt.state_dict(), "tokens": tokens_seen,
                                 "elapsed_s": elapsed_before + time.perf_counter() - t_start}, out / STATE_FILE)
 
+    stop = stop or threading.Event()
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, a job scheduler) stops cleanly with a checkpoint, as Ctrl-C does
+        restore = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.info("training %s: %d dialogues, %d steps (%.2f epochs), n=%d K=%d w=%.2f", out, len(ds), total,
              cfg.epochs, cfg.loss.align_steps, cfg.loss.topk, cfg.loss.topk_weight)
     try:
@@ -254,7 +260,7 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
             if cfg.max_minutes and (now - t_start) > cfg.max_minutes * 60:
                 log.info("time budget reached at step %d", step)
                 break
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 log.info("stopped at step %d", step)
                 break
         bar.close()
@@ -262,5 +268,8 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
         log.warning("interrupted: writing a checkpoint at step %d", step)
         checkpoint()
         raise
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     checkpoint()
     return out

@@ -105,3 +105,27 @@ def test_full_disk_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
 def test_empty_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError)):
         train(_cfg(tmp_path / "nothing", tmp_path / "o", max_steps=1), device="cpu")
+
+
+def test_sigterm_stops_with_a_checkpoint(data_dir, tiny_folder, tmp_path):
+    """A background run killed with SIGTERM (a scheduler, `kill`) ends cleanly with a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "hass", "train", "--data", str(data_dir), "--out", str(out),
+                             "--max-steps", "100000", "--epochs", "100000", "--batch-size", "2", "--lr", "1e-3",
+                             "--checkpoint-minutes", "60", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 10):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    step = torch.load(out / STATE_FILE, weights_only=True)["step"]
+    assert step >= 10
+    load_draft(out, load_target(str(tiny_folder)).config)
