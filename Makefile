@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test clean-cache browser
 
 setup: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): requirements.txt requirements-data.txt
 demo: setup
 	$(BIN)/python app.py $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
+
+# The browser tests drive Debian's chromium (never a downloaded browser build).
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+		echo "note: install Debian's chromium (apt-get install chromium) for the browser tests"
 
 clean-cache:
 	rm -rf $${HASS_CACHE:-$$HOME/.cache/hass-studio}/models
