@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .target import load_target
+from .target import LAST, load_target
 from .tree import ancestor_mask, verify_mask
 
 
@@ -54,7 +54,7 @@ def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: 
         raise ValueError(f"prefix + tree size must stay below the context ({target.max_length})")
     ids = torch.randint(0, target.vocab_size, (1, prefix), generator=g).to(dev)
     cache = target.new_cache()
-    target.forward(ids, cache, logits_rows=torch.tensor([-1]))
+    target.forward(ids, cache, logits_rows=LAST)
 
     def plain_step():
         target.forward(ids[:, :1], cache, position_ids=torch.tensor([[prefix]], device=dev))

@@ -16,7 +16,7 @@ from .cache import compact
 from .draft import DraftHead
 from .drafting import Drafter, TreeTensors
 from .events import DraftTree, Step
-from .target import Target
+from .target import LAST, Target
 from .tree import TreeConfig, ancestor_mask, verify_mask
 from .verify import SamplingConfig, Verdict, accept_greedy, accept_sampling, sample, target_probs
 
@@ -127,7 +127,7 @@ def _plain(target: Target, ids: torch.Tensor, cfg: GenerationConfig) -> Iterator
     em = _Emitter(target, cfg, ids.shape[1])
     cache = target.new_cache()
     clock = _Clock(target.device)
-    logits, _ = target.forward(ids, cache, logits_rows=torch.tensor([-1]))
+    logits, _ = target.forward(ids, cache, logits_rows=LAST)
     t_fwd = clock.lap()
     tok, p = _first_token(logits[0, -1], cfg.sampling, gen)
     step = em.step("prefill", None, [], [tok], ["target"], [p], {"draft": 0.0, "verify": t_fwd, "other": clock.lap()})
@@ -165,7 +165,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     cache = target.new_cache()
     clock = _Clock(dev)
 
-    logits, feats = target.forward(ids, cache, logits_rows=torch.tensor([-1]))
+    logits, feats = target.forward(ids, cache, logits_rows=LAST)
     t_verify = clock.lap()
     root, p = _first_token(logits[0, -1], cfg.sampling, gen)
     t_other = clock.lap()

@@ -26,6 +26,7 @@ from .device import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+LAST = slice(-1, None)      # `logits_rows` for a prefill: only the next token's logits are needed
 DEFAULT_SPEC = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m"
@@ -119,7 +120,7 @@ class Target:
     def forward(self, input_ids: torch.Tensor, cache: DynamicCache,
                 position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                logits_rows: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run new tokens over `cache`; return (logits, features), both [B, n, *].
 
         `attention_mask` may be a 4D additive float mask (tree verification) covering the
@@ -130,6 +131,8 @@ class Target:
         out = decoder(input_ids=input_ids, past_key_values=cache, position_ids=position_ids,
                       attention_mask=attention_mask, use_cache=True)
         feats = out.last_hidden_state
+        if isinstance(logits_rows, torch.Tensor):
+            logits_rows = logits_rows.to(feats.device)
         rows = feats if logits_rows is None else feats[:, logits_rows]
         logits = self.lm_head(rows).float()
         return logits, feats

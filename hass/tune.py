@@ -22,7 +22,7 @@ from .decode import GenerationConfig, plain_generate, speculative_generate
 from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step, summarize
-from .target import Target
+from .target import LAST, Target
 from .tree import TreeConfig, ancestor_mask, verify_mask
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def verify_costs(target: Target, prefix: int, sizes: list[int], repeats: int = 5
     ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), generator=torch.Generator().manual_seed(0))
     ids = ids.to(dev)
     cache = target.new_cache()
-    target.forward(ids[:, :prefix], cache, logits_rows=torch.tensor([-1]))
+    target.forward(ids[:, :prefix], cache, logits_rows=LAST)
     out = {}
     for n in sizes:
         parents = torch.tensor([-1] + [(i - 1) // 3 for i in range(1, n)], device=dev)
