@@ -32,10 +32,10 @@ clean-cache:
 
 # -- the shipped drafts (long: hours on a CPU; every step resumes) -------------------------
 DATA ?= $${HASS_CACHE:-$$HOME/.cache/hass-studio}/data
-PREP_LIMIT ?= 1500
+PREP_LIMIT ?= 578
 MAX_LEN ?= 1024
 TRAIN_FLAGS ?= --draft-vocab 8192 --lr 1e-3 --warmup 0.02 --batch-size 4 --threads 1
-EPOCHS ?= 2
+EPOCHS ?= 3
 DRAFTS := assets/drafts
 RUNS := runs/drafts
 
