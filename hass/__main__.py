@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--out", type=Path, default=None, help="export here (fp16 + card); default: card in place")
     cd.add_argument("--title", required=True)
     cd.add_argument("--data", type=Path, default=None, help="the prepared data folder (for its counts)")
-    cd.add_argument("--command", default="", help="the command line that reproduces the run")
+    cd.add_argument("--command", dest="reproduce", default="", help="the command line that reproduces the run")
 
     b = sub.add_parser("bench", help="side-by-side benchmark of plain, HASS, EAGLE-2 and transformers' decoders")
     _add_model_args(b)
@@ -384,9 +384,9 @@ def cmd_card(args) -> int:
     from .card import export_draft, write_card
     meta = json.loads((args.data / "meta.json").read_text()) if args.data else None
     if args.out:
-        print(export_draft(args.draft, args.out, args.title, meta, args.command))
+        print(export_draft(args.draft, args.out, args.title, meta, args.reproduce))
     else:
-        print(write_card(args.draft, args.title, meta, args.command))
+        print(write_card(args.draft, args.title, meta, args.reproduce))
     return 0
 
 

@@ -69,7 +69,7 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
               f"- optimiser: AdamW lr {cfg.get('lr')}, betas {cfg.get('betas')}, warm-up {cfg.get('warmup_frac')}, "
               f"linear decay, clip by value {cfg.get('grad_clip_value')}, feature noise {cfg.get('noise')}, "
               f"batch {cfg.get('batch_size')} dialogues, seed {cfg.get('seed')}",
-              f"- steps: {state.get('step')}, epochs: {last.get('epoch', 0):.2f}, tokens trained on: "
+              f"- steps: {state.get('step')}, epochs: {last.get('epoch', 0):.2f}, loss tokens seen: "
               f"{state.get('tokens')}, wall time: {(state.get('elapsed_s') or 0) / 60:.1f} min",
               ]
     if last:
