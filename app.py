@@ -1,37 +1,46 @@
-"""HASS Studio entry point (locally and on Spaces).
+"""HASS Studio entry point (locally and on Hugging Face Spaces).
 
-Until the Gradio studio lands this starts a terminal chat: tokens stream as they are
-verified, accepted draft tokens are coloured by depth, and every answer ends with its
-speculative-decoding stats. Without a terminal on stdin it answers one example prompt.
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--model SPEC] [--draft DIR]
+
+starts the Gradio studio; `--cli` starts the terminal chat instead (tokens coloured by
+draft depth, stats after every answer; without a terminal on stdin it answers one example).
+On Spaces the app binds 0.0.0.0 (the Space's proxy needs it) and `--model` may be a hub id.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
-
-from hass.assets import resolve_draft
-from hass.decode import GenerationConfig, speculative_generate
-from hass.events import summarize
-from hass.stream import TextStream
-from hass.target import load_target
 
 EXAMPLE = "Explain in three sentences why the sky is blue."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="HASS Studio demo")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (the web studio; default: local only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="ask Gradio for a public link (web studio)")
-    p.add_argument("--model", default="default", help="'default', a model folder, a .gguf file or a hub id")
-    p.add_argument("--draft", default="default", help="draft folder, 'hass', 'eagle2' or 'none'")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p = argparse.ArgumentParser(description="HASS Studio")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: local only; 0.0.0.0 on Spaces)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    p.add_argument("--model", default=os.environ.get("HASS_MODEL", "default"),
+                   help="'default', a model folder, a .gguf file or a hub id")
+    p.add_argument("--draft", default=os.environ.get("HASS_DRAFT", "default"),
+                   help="draft folder, 'hass', 'eagle2', 'random' or 'default'")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="(--cli) tokens per answer")
+    p.add_argument("--cli", action="store_true", help="the terminal chat instead of the web studio")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("HASS_THREADS", 0)),
+                   help="torch CPU threads (0 = all cores but one, so the web server keeps a core)")
     return p.parse_args(argv)
 
 
 def chat(args: argparse.Namespace) -> None:
+    """The terminal chat."""
+    from hass.assets import resolve_draft
+    from hass.decode import GenerationConfig, speculative_generate
+    from hass.events import summarize
+    from hass.stream import TextStream
+    from hass.target import load_target
+
     target = load_target(args.model)
     draft, label = resolve_draft(args.draft, target)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
@@ -80,9 +89,40 @@ def chat(args: argparse.Namespace) -> None:
             break
 
 
+def build_app(model: str = "default", draft: str = "default"):
+    """(demo, css) with the model loaded once; shared by every session."""
+    from app.studio import Studio
+    from app.training import TrainingManager
+    from app.ui import build, css
+
+    studio = Studio.load(model, draft, training=TrainingManager())
+    demo = build(studio)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo, css()
+
+
+def set_threads(n: int = 0) -> int:
+    """Decoding is CPU-bound and the web server needs a core too: by default torch gets
+    every core but one (on a 2-core machine two torch threads next to the server make each
+    forward several times slower)."""
+    import torch
+
+    n = n if n > 0 else max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(n)
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    chat(parse_args(argv))
+    args = parse_args(argv)
+    if args.cli:
+        chat(args)
+        return
+    on_spaces = bool(os.environ.get("SPACE_ID"))
+    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1")
+    set_threads(args.threads)
+    demo, style = build_app(args.model, args.draft)
+    demo.launch(server_name=host, server_port=args.port, share=args.share, css=style, show_error=True)
 
 
 if __name__ == "__main__":

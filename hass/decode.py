@@ -132,6 +132,7 @@ def _plain(target: Target, ids: torch.Tensor, cfg: GenerationConfig) -> Iterator
     tok, p = _first_token(logits[0, -1], cfg.sampling, gen)
     step = em.step("prefill", None, [], [tok], ["target"], [p], {"draft": 0.0, "verify": t_fwd, "other": clock.lap()})
     yield step
+    clock.lap()
     n = ids.shape[1]
     while step.stop_reason is None:
         logits, _ = target.forward(torch.tensor([[tok]], device=target.device), cache,
@@ -141,6 +142,7 @@ def _plain(target: Target, ids: torch.Tensor, cfg: GenerationConfig) -> Iterator
         tok, p = _first_token(logits[0, -1], cfg.sampling, gen)
         step = em.step("plain", None, [], [tok], ["target"], [p], {"draft": 0.0, "verify": t_fwd, "other": clock.lap()})
         yield step
+        clock.lap()        # the consumer's time between steps is not decoding time
 
 
 def speculative_generate(target: Target, draft: DraftHead, input_ids: list[int],
@@ -175,6 +177,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         drafter.extend(feats, torch.cat((ids[:, 1:], torch.tensor([[root]], device=dev)), 1), 0)
         step.timings["draft"] = clock.lap()
     yield step
+    clock.lap()
 
     while step.stop_reason is None:
         # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
@@ -206,6 +209,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         n += len(verdict.path)
         root = verdict.bonus
         yield step
+        clock.lap()        # the consumer's time between steps is not decoding time
 
 
 def _event_tree(t: TreeTensors) -> DraftTree:

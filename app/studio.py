@@ -1,0 +1,332 @@
+"""The studio's shared objects: the loaded model (one per process, read-only while decoding),
+a cache of loaded drafts, settings validation, and decoding runs in a background thread.
+
+Per-browser-session data lives in `Session` (held by a `gr.State`): plain data only (no
+locks, no tensors), so Gradio can copy it for every new visitor.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hass.assets import resolve_draft, shipped_draft
+from hass.decode import MAX_NEW_TOKENS_LIMIT, GenerationConfig, plain_generate, speculative_generate
+from hass.events import Step
+from hass.profile import resolve_tree
+from hass.target import Target, load_target
+from hass.tree import TreeConfig
+from hass.verify import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# draft choices shown in the UI -> how they resolve
+DRAFT_CHOICES = ("shipped HASS", "shipped EAGLE-2", "trained in this app", "random", "path")
+UI_MAX_NEW_TOKENS = 2048
+
+
+class SettingsError(ValueError):
+    """A setting the user gave is invalid; the message says which and why."""
+
+
+# -- per-session data -----------------------------------------------------------------------------
+@dataclass
+class Turn:
+    """One exchange: the user's message and the answer as it streamed (steps + token texts)."""
+
+    user: str
+    mode: str = "HASS"
+    draft: str = ""
+    steps: list[Step] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)      # per new token, in order (incremental decode)
+    ids: list[int] = field(default_factory=list)
+    answer: str = ""
+    running: bool = False
+    note: str = ""                                      # "stopped", an error, ...
+    wall_s: float = 0.0
+
+
+@dataclass
+class Session:
+    """What one browser tab owns: the conversation and the draft it chose."""
+
+    turns: list[Turn] = field(default_factory=list)
+    draft_spec: str = "default"
+    draft_label: str = ""
+    run_id: str = ""
+    sid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def history(self) -> list[dict]:
+        """The conversation for the chat template: finished turns (a stopped answer counts)."""
+        msgs: list[dict] = []
+        for t in self.turns:
+            if t.running:
+                continue
+            msgs.append({"role": "user", "content": t.user})
+            if t.answer:
+                msgs.append({"role": "assistant", "content": t.answer})
+        return msgs
+
+    def conversation_steps(self) -> list[Step]:
+        return [s for t in self.turns if t.mode == "HASS" for s in t.steps]
+
+    @property
+    def last(self) -> Turn | None:
+        return self.turns[-1] if self.turns else None
+
+
+# -- token texts ----------------------------------------------------------------------------------
+class TokenTexts:
+    """Per-token text by incremental decoding (text of ids[:k+1] minus text of ids[:k]); an
+    incomplete multi-byte character yields "" until the token that completes it."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, tokens: list[int]) -> list[str]:
+        out = []
+        for t in tokens:
+            self.ids.append(int(t))
+            full = self.target.decode(self.ids)
+            if full.endswith("\ufffd"):       # an incomplete multi-byte character: wait for more
+                out.append("")
+                continue
+            out.append(full[len(self.text):])
+            self.text = full
+        return out
+
+
+# -- settings -------------------------------------------------------------------------------------
+def _number(name: str, v, lo: float, hi: float, whole: bool):
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise SettingsError(f"{name} is empty: give a number from {lo:g} to {hi:g}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, got {v!r}") from None
+    if math.isnan(x) or not lo <= x <= hi:
+        raise SettingsError(f"{name} must be between {lo:g} and {hi:g}, got {v!r}")
+    if whole:
+        if x != int(x):
+            raise SettingsError(f"{name} must be a whole number, got {v!r}")
+        return int(x)
+    return x
+
+
+def make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, vocab_size: int | None = None,
+                seed: int = 0) -> GenerationConfig:
+    """A validated GenerationConfig from UI values; SettingsError names the bad one."""
+    t = _number("temperature", temperature, 0, 2, False)
+    p = _number("top-p", top_p, 1e-6, 1, False) if top_p is not None and top_p != 0 else None
+    if p is None:
+        raise SettingsError("top-p must be in (0, 1], got 0")
+    m = _number("max new tokens", max_new_tokens, 1, min(UI_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT), True)
+    tree = TreeConfig(_number("tree total tokens", total_tokens, 2, 1024, True),
+                      _number("tree depth", depth, 1, 64, True), _number("tree top-k", top_k, 1, 64, True))
+    cfg = GenerationConfig(max_new_tokens=m, sampling=SamplingConfig(temperature=t, top_p=p), tree=tree, seed=seed)
+    try:
+        return cfg.validate(vocab_size)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+# -- decoding in a background thread --------------------------------------------------------------
+class DecodeRun:
+    """Runs one or more step generators one after the other in a thread and hands their
+    steps over through a queue, so the UI's work (HTML, plots) never sits inside the
+    decoder's timed sections. `stop` ends it between steps."""
+
+    def __init__(self, jobs: list[tuple[str, Iterator[Step]]]):
+        self.jobs = jobs
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hass-decode", daemon=True)
+
+    def start(self) -> "DecodeRun":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for name, gen in self.jobs:
+                try:
+                    for step in gen:
+                        self.q.put((name, step))
+                        if self.stop.is_set():
+                            break
+                finally:
+                    gen.close()
+                if self.stop.is_set():
+                    break
+        except BaseException as exc:        # reported to the UI, never raised in the thread
+            log.exception("decoding failed")
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def drain(self, wait: float = 0.1) -> list[tuple[str, Step]]:
+        """Everything produced so far; waits up to `wait` s for the first item."""
+        out = []
+        try:
+            out.append(self.q.get(timeout=wait))
+        except queue.Empty:
+            return out
+        while True:
+            try:
+                out.append(self.q.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set() and self.q.empty()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+
+# -- the shared studio ------------------------------------------------------------------------------
+class Studio:
+    """One per process: the model, the drafts loaded for it, the running decodes and the
+    training manager. Swapping the model is atomic: a failed load keeps the previous one."""
+
+    def __init__(self, target: Target, model_spec: str = "default", draft_spec: str = "default",
+                 training=None):
+        self.target = target
+        self.model_spec = model_spec
+        self.default_draft_spec = draft_spec
+        self._drafts: dict[tuple[int, str], tuple[object, str]] = {}
+        self._lock = threading.RLock()
+        self._runs: dict[str, DecodeRun] = {}
+        self.training = training
+        self.tree_defaults, self.tree_source = self._tree_defaults()
+
+    @classmethod
+    def load(cls, model_spec: str = "default", draft_spec: str = "default", training=None) -> "Studio":
+        return cls(load_target(model_spec), model_spec, draft_spec, training)
+
+    # -- model ---------------------------------------------------------------------------------
+    def _tree_defaults(self) -> tuple[TreeConfig, str]:
+        try:
+            _, label = self.draft_for(self.default_draft_spec)
+        except Exception:          # noqa: BLE001 - only for the profile lookup
+            label = "random"
+        try:
+            return resolve_tree(None, None, None, self.target.device, self.target.name, label)
+        except ValueError:
+            return TreeConfig(), "paper default"
+
+    def load_model(self, spec: str) -> str:
+        """Load another target; on failure raise with the reason and keep the current one."""
+        spec = (spec or "").strip()
+        if not spec:
+            raise SettingsError("give a model: 'default', a model folder, a .gguf file or a hub id")
+        try:
+            target = load_target(spec)
+        except Exception as exc:       # noqa: BLE001 - any failure keeps the previous model
+            raise SettingsError(f"could not load {spec!r}: {exc} (still using {self.target.name})") from exc
+        with self._lock:
+            self.target, self.model_spec = target, spec
+            self._drafts.clear()
+            self.tree_defaults, self.tree_source = self._tree_defaults()
+        return f"loaded {target.source or target.name} in {target.load_seconds:.1f}s"
+
+    # -- drafts --------------------------------------------------------------------------------
+    def draft_spec_for(self, choice: str, path: str = "") -> str:
+        """The resolve_draft spec of a UI draft choice."""
+        if choice == "shipped HASS":
+            return "hass"
+        if choice == "shipped EAGLE-2":
+            return "eagle2"
+        if choice == "random":
+            return "random"
+        if choice == "trained in this app":
+            out = self.training.last_draft() if self.training is not None else None
+            if out is None:
+                raise SettingsError("no draft has been trained in this app yet (see the Train tab)")
+            return str(out)
+        if choice == "path":
+            if not (path or "").strip():
+                raise SettingsError("give the folder of a draft (model.safetensors + config.json)")
+            return path.strip()
+        if choice in ("default", None, ""):
+            return "default"
+        raise SettingsError(f"unknown draft choice {choice!r}")
+
+    def draft_for(self, spec: str):
+        """(draft, label) for a spec, loaded once per model."""
+        spec = spec or "default"
+        key = (id(self.target), spec)
+        with self._lock:
+            if key not in self._drafts:
+                try:
+                    self._drafts[key] = resolve_draft(spec, self.target)
+                except FileNotFoundError as exc:
+                    raise SettingsError(f"{exc}. The shipped drafts appear in assets/drafts/ once trained; "
+                                        "until then pick 'random' or a trained draft") from exc
+                except Exception as exc:       # noqa: BLE001 - a bad folder, a wrong size, ...
+                    raise SettingsError(f"could not load draft {spec!r}: {exc}") from exc
+            return self._drafts[key]
+
+    def shipped(self, kind: str) -> Path | None:
+        return shipped_draft(self.target, kind)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def generator(self, mode: str, ids: list[int], cfg: GenerationConfig, draft_spec: str = "default"):
+        """A validated step generator (raises SettingsError at once on a bad setting)."""
+        try:
+            if mode == "plain":
+                return plain_generate(self.target, ids, cfg)
+            draft, _ = self.draft_for(draft_spec)
+            return speculative_generate(self.target, draft, ids, cfg)
+        except SettingsError:
+            raise
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+
+    def start(self, session: Session, jobs: list[tuple[str, Iterator[Step]]]) -> DecodeRun:
+        run = DecodeRun(jobs)
+        with self._lock:
+            old = self._runs.pop(session.sid, None)
+            if old is not None:
+                old.stop.set()
+            self._runs[session.sid] = run
+        return run.start()
+
+    def stop(self, session: Session) -> bool:
+        with self._lock:
+            run = self._runs.pop(session.sid, None)
+        if run is None:
+            return False
+        run.stop.set()
+        return True
+
+    def finish(self, session: Session, run: DecodeRun) -> None:
+        run.stop.set()
+        with self._lock:
+            if self._runs.get(session.sid) is run:
+                del self._runs[session.sid]
+
+
+def collect(run: DecodeRun, timeout: float = 600.0) -> dict[str, list[Step]]:
+    """Wait for a run and group its steps by job name (for tests and non-streaming handlers)."""
+    out: dict[str, list[Step]] = {}
+    t0 = time.perf_counter()
+    while not run.finished and time.perf_counter() - t0 < timeout:
+        for name, st in run.drain(0.2):
+            out.setdefault(name, []).append(st)
+    for name, st in run.drain(0):
+        out.setdefault(name, []).append(st)
+    if run.error is not None:
+        raise run.error
+    return out

@@ -1,0 +1,181 @@
+"""The studio in a real browser: `python app.py` with the default model, driven by Debian's
+headless Chromium through Playwright (never a downloaded browser build).
+
+Sends a prompt and waits for streamed, highlighted tokens and the draft-tree plot; replays a
+step with the slider; runs the race and checks the speedup figure; starts a tiny training
+run, sees progress and the curve, cancels it. Screenshots go to docs/screenshots/. Any
+browser console error fails the test.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "docs" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("e2e") / "app.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=fh,
+                                stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - t0 > 180:
+                pytest.fail(f"app.py did not start in 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium` (the browser tests use Debian's "
+                    "chromium, never a downloaded build)")
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        ctx = browser.new_context(viewport={"width": 1440, "height": 1000})
+        pg = ctx.new_page()
+        pg.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        pg.set_default_timeout(60_000)
+        pg.goto(server)
+        pg.wait_for_selector("#hs-msg textarea")
+        pg.errors = errors
+        yield pg
+        browser.close()
+    assert not errors, "browser console errors:\n" + "\n".join(errors)
+
+
+def _title(pg, elem: str) -> str:
+    loc = pg.locator(f"#{elem} .gtitle")
+    return (loc.first.text_content() or "") if loc.count() else ""
+
+
+def _wait_title(pg, elem: str, pattern: str, timeout: float = 90) -> str:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        t = _title(pg, elem)
+        if re.search(pattern, t):
+            return t
+        pg.wait_for_timeout(250)
+    raise AssertionError(f"#{elem} title never matched {pattern!r} (last: {_title(pg, elem)!r})")
+
+
+def _wait_text(pg, selector: str, pattern: str, timeout: float = 90) -> str:
+    t0 = time.time()
+    text = ""
+    while time.time() - t0 < timeout:
+        loc = pg.locator(selector)
+        text = loc.first.inner_text() if loc.count() else ""
+        if re.search(pattern, text):
+            return text
+        pg.wait_for_timeout(250)
+    raise AssertionError(f"{selector} never matched {pattern!r} (last: {text[:300]!r})")
+
+
+def test_studio_in_a_browser(page):
+    pg = page
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    # fewer tokens per answer keeps the test short
+    pg.locator("#hs-settings").get_by_text("Settings").first.click()
+    pg.locator("#hs-max-new input").fill("32")
+    pg.locator("#hs-max-new input").press("Tab")
+    pg.locator("#hs-settings").get_by_text("Settings").first.click()
+
+    # -- chat: streamed, highlighted tokens and the tree ------------------------------------
+    pg.locator("#hs-msg textarea").fill("Explain in two sentences why the sky is blue.")
+    pg.locator("#hs-send").click()
+    pg.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length >= 3", timeout=60_000)
+    _wait_title(pg, "hs-tree", r"^Step \d+")
+    _wait_text(pg, "#hs-status", r"done \(", timeout=150)
+    n_tokens = pg.locator("#hs-chat-box .hs-tok").count()
+    assert n_tokens >= 4
+    assert pg.locator("#hs-tree .scatterlayer .trace").count() >= 2
+    assert "τ" in pg.locator("#hs-stats").inner_text()
+    pg.wait_for_timeout(500)
+    pg.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
+
+    # -- the step slider replays step 1 -------------------------------------------------------
+    box = pg.locator("#hs-step input[type=number]")
+    box.fill("1")
+    box.press("Tab")
+    _wait_text(pg, "#hs-replay", r"step 1: ")
+    _wait_title(pg, "hs-tree", r"^Step 1:|step 1 is")
+
+    # highlighting off and on
+    pg.locator("#hs-highlight input").uncheck()
+    pg.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length === 0")
+    pg.locator("#hs-highlight input").check()
+    pg.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length > 0")
+
+    # -- the race ---------------------------------------------------------------------------
+    pg.get_by_role("tab", name="Race / A-B").click()
+    pg.locator("#hs-race-prompt textarea").fill("Name three rivers in Europe.")
+    pg.locator("#hs-race").click()
+    _wait_text(pg, "#hs-race-status", r"over plain", timeout=150)
+    title = _wait_title(pg, "hs-race-speed", r"×")
+    assert "plain" in title
+    assert pg.locator("#hs-race-right .hs-tok").count() > 0
+    pg.wait_for_timeout(500)
+    pg.screenshot(path=str(SHOTS / "race.png"), full_page=True)
+
+    # -- training: start, progress + curve, cancel ----------------------------------------
+    pg.get_by_role("tab", name="Train").click()
+    data = pg.locator("#hs-data textarea, #hs-data input").first
+    if not data.input_value().strip():
+        pg.get_by_role("button", name="Prepare").click()
+        t0 = time.time()
+        while not data.input_value().strip() and time.time() - t0 < 120:
+            pg.wait_for_timeout(500)
+        assert data.input_value().strip(), "preparing a small data set failed"
+    pg.locator("#hs-train-steps input").fill("200")
+    pg.locator("#hs-train-start").click()
+    _wait_text(pg, "#hs-train-status", r"started|training")
+    _wait_title(pg, "hs-train-plot", r"Training · step ([3-9]|\d\d+)", timeout=150)
+    assert "%" in pg.locator("#hs-train-progress").inner_text()
+    pg.wait_for_timeout(1500)
+    pg.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+    pg.locator("#hs-train-cancel").click()
+    _wait_text(pg, "#hs-train-status", r"cancelled", timeout=120)
+    assert not pg.errors, "browser console errors:\n" + "\n".join(pg.errors)
