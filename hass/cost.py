@@ -16,7 +16,8 @@ from .target import LAST, load_target
 from .tree import ancestor_mask, verify_mask
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of fn() over `repeats` runs (waiting for the device)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -62,26 +63,36 @@ def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: 
 
     for _ in range(3):
         plain_step()
-    plain = _median_time(plain_step, repeats, dev)
+    plain = median_time(plain_step, repeats, dev)
     report["plain_step_s"] = plain
     report["plain_tokens_per_s"] = 1.0 / plain
-    report["verify"] = []
+    report["verify"] = [{"tokens": n, "seconds": t, "relative_to_plain_step": t / plain}
+                        for n, t in verify_costs(target, prefix, sizes, repeats).items()]
+    return report
+
+
+@torch.inference_mode()
+def verify_costs(target, prefix: int, sizes: list[int], repeats: int = 5) -> dict[int, float]:
+    """Median seconds of one verify forward over N tree tokens after `prefix` cached tokens
+    (a bushy tree like EAGLE-2 makes: node i hangs under node (i-1)//3)."""
+    dev = target.device
+    ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(dev)
+    cache = target.new_cache()
+    target.forward(ids[:, :prefix], cache, logits_rows=LAST)
+    out = {}
     for n in sizes:
-        # a bushy tree like EAGLE-2 makes: node i hangs under node (i-1)//3
         parents = torch.tensor([-1] + [(i - 1) // 3 for i in range(1, n)], device=dev)
         anc = ancestor_mask(parents)
-        depths = anc.sum(-1) - 1
         mask = verify_mask(anc, prefix, target.dtype)
-        toks = ids[:, :n] if n <= prefix else torch.randint(0, target.vocab_size, (1, n), generator=g).to(dev)
+        pos = (prefix + anc.sum(-1) - 1)[None]
 
-        def verify():
-            target.forward(toks, cache, position_ids=(prefix + depths)[None], attention_mask=mask)
+        def run():
+            target.forward(ids[:, prefix:prefix + n], cache, position_ids=pos, attention_mask=mask)
             cache.crop(-n)
-
-        verify()
-        t = _median_time(verify, repeats, dev)
-        report["verify"].append({"tokens": n, "seconds": t, "relative_to_plain_step": t / plain})
-    return report
+        run()
+        out[n] = median_time(run, repeats, dev)
+    return out
 
 
 def format_costs(r: dict) -> str:

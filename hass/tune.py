@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .cost import median_time, verify_costs
 from .decode import GenerationConfig, plain_generate, speculative_generate
 from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step, summarize
 from .target import LAST, Target
-from .tree import TreeConfig, ancestor_mask, verify_mask
+from .tree import TreeConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,40 +51,6 @@ def accepted_in_subtree(step: Step, total_tokens: int, depth: int) -> int:
         node, accepted = nxt[0], accepted + 1
 
 
-def _time(fn, repeats: int, device: torch.device) -> float:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
-@torch.inference_mode()
-def verify_costs(target: Target, prefix: int, sizes: list[int], repeats: int = 5) -> dict[int, float]:
-    """Median seconds of one verify forward over N tree tokens after `prefix` cached tokens."""
-    dev = target.device
-    ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(dev)
-    cache = target.new_cache()
-    target.forward(ids[:, :prefix], cache, logits_rows=LAST)
-    out = {}
-    for n in sizes:
-        parents = torch.tensor([-1] + [(i - 1) // 3 for i in range(1, n)], device=dev)
-        anc = ancestor_mask(parents)
-        mask = verify_mask(anc, prefix, target.dtype)
-        pos = (prefix + anc.sum(-1) - 1)[None]
-
-        def run():
-            target.forward(ids[:, prefix:prefix + n], cache, position_ids=pos, attention_mask=mask)
-            cache.crop(-n)
-        run()
-        out[n] = _time(run, repeats, dev)
-    return out
-
-
 @torch.inference_mode()
 def draft_costs(target: Target, draft: DraftHead, prefix: int, depths: list[int], top_ks: list[int],
                 repeats: int = 5) -> dict[tuple[int, int], float]:
@@ -105,7 +72,7 @@ def draft_costs(target: Target, draft: DraftHead, prefix: int, depths: list[int]
                 drafter.extend(feats[:, -3:], toks[:, -3:], prefix - 3)
                 drafter.grow(int(toks[0, -1]), prefix, tree, d)
             run()
-            out[(d, k)] = _time(run, repeats, dev)
+            out[(d, k)] = median_time(run, repeats, dev)
     return out
 
 
