@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .draft import DraftHead, OutputHead, load_draft, new_draft, save_draft
+from .draft import DraftHead, OutputHead, _atomic_write, load_draft, new_draft, save_draft
 from .losses import LossConfig, aligned_forward, pass_loss, shift_level
 
 log = logging.getLogger(__name__)
@@ -63,14 +61,7 @@ class TrainConfig:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:

@@ -137,6 +137,15 @@ def _segments(pairs: list[tuple[tuple[float, float], tuple[float, float]]]) -> t
     return xs, ys
 
 
+def _checked_size(tree, token_texts: list[str]) -> int:
+    """Validate the tree and that every node has a text; the node count."""
+    check_tree(tree)
+    n = len(tree.tokens)
+    if len(token_texts) != n:
+        raise ValueError(f"token_texts has {len(token_texts)} entries for a tree of {n} nodes")
+    return n
+
+
 def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = None, title: str | None = None, *,
                 choice_texts: list[str] | None = None, uirevision: str = "hass-tree") -> go.Figure:
     """Draft tree of one speculative step.
@@ -151,10 +160,7 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
     if step.kind != "speculative" or tree is None:
         return empty_figure(f"step {step.index} is a {step.kind} step: no draft tree", title or "Draft tree",
                             uirevision=uirevision)
-    check_tree(tree)
-    n = len(tree.tokens)
-    if len(token_texts) != n:
-        raise ValueError(f"token_texts has {len(token_texts)} entries for a tree of {n} nodes")
+    n = _checked_size(tree, token_texts)
     if choice_texts is not None and len(choice_texts) != len(step.target_choice):
         raise ValueError("choice_texts must align with step.target_choice")
     roles = node_roles(step)
@@ -272,10 +278,7 @@ def mask_figure(step: Step, token_texts: list[str], title: str | None = None, *,
     if step.kind != "speculative" or tree is None:
         return empty_figure(f"step {step.index} is a {step.kind} step: no tree mask", title or "Tree mask",
                             uirevision=uirevision)
-    check_tree(tree)
-    n = len(tree.tokens)
-    if len(token_texts) != n:
-        raise ValueError(f"token_texts has {len(token_texts)} entries for a tree of {n} nodes")
+    n = _checked_size(tree, token_texts)
     mask = ancestor_mask(tree.parents)
     on_path = set(step.path or [0])
     ticks = [f"{i} {label(t, 8)}" for i, t in enumerate(token_texts)]
