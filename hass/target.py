@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from .device import resolve_device, resolve_dtype
+from .cache import new_cache
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Target:
 
     # -- running ---------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        return new_cache(self.config)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: DynamicCache,
