@@ -39,7 +39,15 @@ EPOCHS ?= 3
 DRAFTS := assets/drafts
 RUNS := runs/drafts
 
-.PHONY: prepare drafts draft-hass draft-eagle2 eval-drafts
+BENCH_LIMIT ?= 5
+BENCH_NOTE ?= idle machine (nothing else running)
+
+# docs/BENCHMARKS.md and its plots, from one full run (run it on an otherwise idle machine)
+benchmarks: setup
+	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)"
+	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
+
+.PHONY: benchmarks prepare drafts draft-hass draft-eagle2 eval-drafts
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
+    cv = sub.add_parser("curve", help="tau of every snapshot of a training run (how tau grew with training time)")
+    _add_model_args(cv)
+    cv.add_argument("--run", required=True, type=Path, help="a `train --snapshots` output folder")
+    cv.add_argument("--heldout", type=Path, default=None, help="a held-out folder written by `prepare --split held-out`")
+    cv.add_argument("--align-steps", type=int, default=3)
+    cv.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
+    cv.add_argument("--questions", type=int, default=5, help="first N questions of each set")
+    cv.add_argument("--max-new-tokens", type=int, default=96)
+    _add_tree_args(cv)
+    cv.add_argument("--json", action="store_true")
+
     cd = sub.add_parser("card", help="ship a trained draft (fp16) with a card written from its own run files")
     cd.add_argument("--draft", required=True, type=Path, help="the training output folder")
     cd.add_argument("--out", type=Path, default=None, help="export here (fp16 + card); default: card in place")
@@ -125,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tree_args(b)
     b.add_argument("--out", type=Path, default=Path("runs/bench"))
     b.add_argument("--json", action="store_true", help="print only the summary JSON")
+    b.add_argument("--no-report", action="store_true", help="skip the HTML report (visual.report)")
+    b.add_argument("--note", default=None, help="a note on the conditions, e.g. 'idle machine'")
 
     tn = sub.add_parser("tune", help="measure and save the fastest draft tree for this device")
     _add_model_args(tn)
@@ -144,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", type=int, default=256, help="cached prefix length for the verify forward")
     c.add_argument("--repeats", type=int, default=20)
     c.add_argument("--json", action="store_true")
+
+    bt = sub.add_parser("batch", help="decode several prompts together (EMS-SD unpadded batch, padded, or sequential)")
+    bt.add_argument("--prompts-file", required=True, nargs="+", type=Path,
+                    help="JSONL file(s), one prompt per line: {turns: [...]} (first turn), {prompt} or {messages}")
+    bt.add_argument("--limit", type=int, default=None, help="first N prompts of each file")
+    bt.add_argument("--batch-size", default="8", help="samples decoded together (a comma list runs each size)")
+    bt.add_argument("--method", default="ems", help="ems | padded | sequential (a comma list runs each in turn, in one process)")
+    _add_model_args(bt)
+    bt.add_argument("--draft", default="default", help="as for `generate`")
+    bt.add_argument("--temperature", type=float, default=0.0)
+    bt.add_argument("--top-p", type=float, default=1.0)
+    bt.add_argument("--top-k-sampling", type=int, default=0, help="sampling top-k (0 = off)")
+    bt.add_argument("--max-new-tokens", type=int, default=256)
+    _add_tree_args(bt)
+    bt.add_argument("--seed", type=int, default=0, help="sample i samples with seed + i")
+    bt.add_argument("--drafting", choices=("auto", "batched", "loop"), default="auto",
+                    help="batched: one packed draft forward per depth for all samples; loop: one drafter per sample")
+    bt.add_argument("--warmup", action="store_true", help="run each method once on two prompts first (for timing)")
+    bt.add_argument("--json", action="store_true", help="print JSON (one object per method and batch size)")
     return parser
 
 
@@ -250,6 +283,7 @@ def cmd_bench(args) -> int:
     warm = target.render([{"role": "user", "content": "Say hello."}])
     for run in runners.values():                # warm-up: allocator, kernels, caches
         run(warm, 8, 0.0, 0)
+    load_before = _load_avg()
     bandwidth = bench.memory_bandwidth(target.device)
     results = {}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -264,12 +298,16 @@ def cmd_bench(args) -> int:
         results[str(temp)] = {"summary": summary, "records": bench.as_dicts(records)}
     first = results[str(args.temperature[0])]["summary"]
     report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
-              "machine": {"device": str(target.device), "threads": torch.get_num_threads(),
+              "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+                          "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m hass " + shlex.join(args.argv),
               "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
                            "max_new_tokens": args.max_new_tokens, "trees": trees,
                            "methods": list(runners)}}
     (args.out / "bench.json").write_text(json.dumps({**report, "records": {t: r["records"] for t, r in results.items()}}))
+    html_report = None if args.no_report else _html_report(args.out / "bench.json")
     if args.json:
         print(json.dumps({"sets": first["sets"], "mean": first["mean"]}))
     else:
@@ -277,7 +315,42 @@ def cmd_bench(args) -> int:
             print(f"\n## T = {t}\n")
             print(bench.markdown_table(r["summary"], bandwidth))
         print(f"\nrecords and summary: {args.out / 'bench.json'}")
+        if html_report:
+            print(f"report: {html_report}")
     return 0
+
+
+def _load_avg() -> float | None:
+    """1-minute load average: how busy the machine was (the docs need an idle one)."""
+    import os
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _html_report(bench_json: Path) -> Path | None:
+    """The Plotly report is drawn by `visual.report`, run as its own process: the library never
+    imports the plotting layer, and a checkout without it still benchmarks."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "visual" / "report.py").is_file():
+        return None
+    out = bench_json.with_name("report.html")
+    done = subprocess.run([sys.executable, "-m", "visual.report", str(bench_json.resolve()), "--html", str(out.resolve())],
+                          cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        logging.getLogger("hass").warning("HTML report failed: %s", done.stderr.strip()[-500:])
+        return None
+    return out
 
 
 def cmd_tune(args) -> int:
@@ -380,6 +453,81 @@ def cmd_eval_draft(args) -> int:
     return 0
 
 
+def cmd_curve(args) -> int:
+    from .evaluate import curve_table, training_curve
+    from .target import load_target
+    from .tree import TreeConfig
+    tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree, as eval-draft
+                      6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
+    target = load_target(args.model, args.device, args.dtype)
+    rows = training_curve(target, str(args.run), [x for x in args.sets.split(",") if x], args.questions,
+                          args.max_new_tokens, tree, str(args.heldout) if args.heldout else None, args.align_steps)
+    (args.run / "curve.json").write_text(json.dumps({"tree": [tree.total_tokens, tree.depth, tree.top_k],
+                                                     "questions_per_set": args.questions,
+                                                     "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=2))
+    print(json.dumps(rows) if args.json else curve_table(rows))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .assets import resolve_draft
+    from .batch import METHODS, load_prompt_file, run_batch
+    from .decode import GenerationConfig
+    from .target import load_target
+    from .tree import TreeConfig
+    from .verify import SamplingConfig
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"--method takes {', '.join(METHODS)} (or a comma list), got {args.method!r}")
+    try:
+        sizes = [int(b) for b in args.batch_size.split(",") if b.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--batch-size takes whole numbers, got {args.batch_size!r}") from exc
+    if not sizes or min(sizes) < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    chats = [c for f in args.prompts_file for c in load_prompt_file(f)[:args.limit]]
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                           sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling), seed=args.seed)
+    cfg.validate()
+    if None not in (args.total_tokens, args.depth, args.top_k):
+        TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
+    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    prompts = [target.render(c) for c in chats]
+    draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
+    cfg = dataclasses.replace(cfg, tree=_tree(args, target, draft_label))
+    runs = [(m, b) for b in sizes for m in methods if m != "sequential"]
+    if "sequential" in methods:
+        runs.insert(0, ("sequential", 1))
+    if args.warmup:                            # allocator, kernels, caches
+        for m, b in runs:
+            run_batch(target, draft, prompts[:2], dataclasses.replace(cfg, max_new_tokens=8), m, b,
+                      drafting=args.drafting)
+    reports = []
+    for m, b in runs:
+        res = run_batch(target, draft, prompts, cfg, m, b, drafting=args.drafting)
+        out = res.to_dict(target.decode)
+        out.update(draft=draft_label, tree=[cfg.tree.total_tokens, cfg.tree.depth, cfg.tree.top_k],
+                   prompts=len(prompts), temperature=args.temperature)
+        reports.append(out)
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+            continue
+        if len(runs) == 1:
+            for i, s in enumerate(out["samples"]):
+                print(f"[{i}] {s['text']}\n    ({len(s['token_ids'])} tokens, tau {s['tau']:.2f}, "
+                      f"stop: {s['stop_reason']})\n")
+        print(f"[{m} batch {b}] {out['new_tokens']} tokens in {out['wall_s']:.2f}s = {out['tokens_per_s']:.1f} tok/s "
+              f"| {len(prompts)} prompts | draft: {draft_label} | tree {out['tree']}", flush=True)
+    if len(reports) > 1 and cfg.sampling.greedy:
+        same = all([s["token_ids"] for s in r["samples"]] == [s["token_ids"] for s in reports[0]["samples"]]
+                   for r in reports)
+        logging.getLogger("hass").info("greedy outputs identical across runs: %s", same)
+    return 0
+
+
 def cmd_card(args) -> int:
     from .card import export_draft, write_card
     meta = json.loads((args.data / "meta.json").read_text()) if args.data else None
@@ -390,12 +538,14 @@ def cmd_card(args) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
-            "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost}
+COMMANDS = {"card": cmd_card, "curve": cmd_curve, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+            "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost, "batch": cmd_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv              # what reproduces this run (written into reports)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from .draft import DraftLoadError

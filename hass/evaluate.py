@@ -74,3 +74,49 @@ def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_
         macro.append(summarize(steps).tau)
     s = summarize(all_steps)
     return TauResult(s.tau, sum(macro) / max(len(macro), 1), s.per_depth_acceptance, len(macro), s.new_tokens)
+
+
+def training_curve(target: Target, run_dir: str, sets: list[str], questions: int, max_new_tokens: int,
+                   tree: TreeConfig, heldout: str | None = None, align_steps: int = 3) -> list[dict]:
+    """tau (and held-out accuracy) of every snapshot a `train --snapshots` run kept, in step
+    order, so the next run can be planned from how tau grew with training time."""
+    import json
+    from pathlib import Path
+
+    from .draft import load_draft
+
+    snap_root = Path(run_dir) / "snapshots"
+    folders = sorted(p for p in snap_root.glob("step-*") if (p / "model.safetensors").is_file()) \
+        if snap_root.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"no snapshots in {snap_root} (train with --snapshots)")
+    rows = []
+    for folder in folders:
+        progress = json.loads((folder / "progress.json").read_text())
+        draft = load_draft(folder, target.config, target.device, target.dtype)
+        row = {"snapshot": folder.name, "step": progress["step"], "epoch": round(progress["epoch"], 3),
+               "loss_tokens": progress["tokens"], "minutes": round(progress["elapsed_s"] / 60, 1)}
+        if heldout:
+            row["heldout_accuracy"] = heldout_accuracy(draft, target, heldout, align_steps)["accuracy_per_pass"]
+        taus = {s: tau_on_set(target, draft, s, questions, max_new_tokens, tree).tau for s in sets}
+        row["tau"] = taus
+        row["mean_tau"] = sum(taus.values()) / max(len(taus), 1)
+        log.info("%s: mean tau %.3f", folder.name, row["mean_tau"])
+        rows.append(row)
+    return rows
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Markdown: one line per snapshot."""
+    sets = list(rows[0]["tau"]) if rows else []
+    acc = rows and "heldout_accuracy" in rows[0]
+    head = ["step", "epoch", "loss tokens", "minutes"] + (["held-out acc (pass 1)"] if acc else []) \
+        + [f"tau {s}" for s in sets] + ["mean tau"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["step"]), f"{r['epoch']:.2f}", str(r["loss_tokens"]), f"{r['minutes']:.1f}"]
+        if acc:
+            cells.append(f"{r['heldout_accuracy'][0]:.3f}")
+        cells += [f"{r['tau'][s]:.3f}" for s in sets] + [f"{r['mean_tau']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -41,6 +41,28 @@ def test_bench_end_to_end(tiny_folder, prompts_file, tmp_path, capsys):
     order = [(r["question"], r["turn"], r["method"]) for r in records]
     assert order == [(q, t, m) for q, t in (("0", 0), ("0", 1), ("1", 0)) for m in ("plain", "hf-generate", "mine")]
     assert all(r["new_tokens"] <= 6 for r in records)
+    page = (out / "report.html").read_text()                 # the Plotly report, drawn from bench.json
+    assert page.count("Plotly.newPlot") == 4 and "mine" in page and "hf-generate" in page
+
+
+def test_report_figures_follow_the_summary():
+    from visual.report import depth_curves, speedup_by_set, time_split
+    stats = lambda tps, speed, acc, d, v: {"tokens_per_s": tps, "speedup": speed, "tau": 1 + sum(acc) / 2,
+                                           "per_depth_acceptance": acc, "new_tokens": 100, "wall_s": 100 / tps,
+                                           "draft_s": d, "verify_s": v, "other_s": 0.1}
+    summary = {"sets": {"a": {"plain": stats(20, 1.0, [], 0, 4.9), "hass": stats(30, 1.5, [0.6, 0.4], 1, 2)},
+                        "b": {"plain": stats(20, 1.0, [], 0, 4.9), "hass": stats(10, 0.5, [0.2], 1, 8)}},
+               "mean": {"plain": stats(20, 1.0, [], 0, 0), "hass": stats(20, 1.0, [0.4, 0.4], 0, 0)}}
+    fig = speedup_by_set(summary)
+    bars = {t.name: list(t.y) for t in fig.data}
+    assert bars == {"plain": [1.0, 1.0, 1.0], "hass": [1.5, 0.5, 1.0]}        # sets a, b, then the mean
+    assert list(fig.data[0].x) == ["a", "b", "mean"]
+    curves = depth_curves(summary)
+    assert [t.name.split(" ")[0] for t in curves.data] == ["hass"]          # plain has no depths
+    assert list(curves.data[0].y) == [0.4, 0.4]
+    split = {t.name.split(" ")[0]: list(t.x) for t in time_split(summary).data}
+    assert split["draft"][1] == pytest.approx(2 * 1e3 / 200)              # hass: 2 s of drafting over 200 tokens
+    assert split["target"][0] == pytest.approx(9.8 * 1e3 / 200)
 
 
 def test_bench_unknown_method_is_a_clear_error(tiny_folder, prompts_file, tmp_path, capsys):
