@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
+from .device import resolve_draft_dtype
 from .draft import DraftHead, load_draft, new_draft
 from .target import DEFAULT_NAME, Target
 
@@ -22,13 +25,16 @@ def shipped_draft(target: Target, kind: str = "hass") -> Path | None:
     return None
 
 
-def resolve_draft(spec: str | None, target: Target, seed: int = 0) -> tuple[DraftHead, str]:
+def resolve_draft(spec: str | None, target: Target, seed: int = 0,
+                  dtype: str | torch.dtype = "auto") -> tuple[DraftHead, str]:
     """'default' -> the shipped HASS draft (else a random one, with a warning);
     'hass'/'eagle2' -> that shipped draft; 'none'/'random' -> random; else a folder.
 
-    Returns the draft (on the target's device and dtype) and a label saying what it is.
+    Returns the draft (on the target's device; dtype 'auto' = bf16 on CPUs with native bf16,
+    else the target's, see `resolve_draft_dtype`) and a label saying what it is.
     """
     spec = (spec or "default").strip()
+    dt = resolve_draft_dtype(dtype, target.device, target.dtype)
     if spec in ("default", "hass", "eagle2"):
         folder = shipped_draft(target, "hass" if spec == "default" else spec)
         if folder is None:
@@ -36,9 +42,9 @@ def resolve_draft(spec: str | None, target: Target, seed: int = 0) -> tuple[Draf
                 raise FileNotFoundError(f"no shipped {spec} draft for {target.name} (looked in {DRAFTS})")
             log.warning("no trained draft ships for %s yet: using a random draft "
                         "(output is still exact, but few tokens are accepted)", target.name)
-            return new_draft(target.config, seed=seed).to(target.device, target.dtype).eval(), "random"
-        return load_draft(folder, target.config, target.device, target.dtype), folder.name
+            return new_draft(target.config, seed=seed).to(target.device, dt).eval(), "random"
+        return load_draft(folder, target.config, target.device, dt), folder.name
     if spec in ("none", "random"):
         log.warning("using a random draft: output is exact, but few draft tokens will be accepted")
-        return new_draft(target.config, seed=seed).to(target.device, target.dtype).eval(), "random"
-    return load_draft(spec, target.config, target.device, target.dtype), str(Path(spec).expanduser())
+        return new_draft(target.config, seed=seed).to(target.device, dt).eval(), "random"
+    return load_draft(spec, target.config, target.device, dt), str(Path(spec).expanduser())

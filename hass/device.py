@@ -40,3 +40,25 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (use auto, fp32, fp16 or bf16)")
     return _DTYPES[dtype]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 matmul
+    is many times faster than fp32 for the draft's small, wide products."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_draft_dtype(dtype: str | torch.dtype, device: torch.device, target_dtype: torch.dtype) -> torch.dtype:
+    """The draft's precision. It only decides which tokens are proposed, never the output
+    (the target verifies every token), so 'auto' takes bf16 on CPUs that compute it natively
+    and otherwise the target's dtype."""
+    if dtype == "auto":
+        if device.type == "cpu" and target_dtype == torch.float32 and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return target_dtype
+    return resolve_dtype(dtype, device)

@@ -134,7 +134,8 @@ class DraftHead(nn.Module):
         `mask` ([B, 1, n, past + n], additive float or boolean) defaults to causal.
         The caller owns the cache: it decides which of the returned K/V entries to keep.
         """
-        x = self.fuse(features, token_embeds)
+        dt = self.fc.weight.dtype              # the draft may run in a lower precision than the target
+        x = self.fuse(features.to(dt), token_embeds.to(dt))
         cos, sin = self.rotary(x, position_ids)
         k_new, v_new = self.layer.self_attn.project_kv(x, cos, sin)
         k, v = (k_new, v_new) if past is None else (torch.cat((past[0], k_new), 2), torch.cat((past[1], v_new), 2))
@@ -148,18 +149,21 @@ class DraftHead(nn.Module):
 class OutputHead:
     """The target's frozen lm_head as the draft sees it: all rows, or the token map's rows."""
 
-    def __init__(self, lm_head: nn.Module, token_map: torch.Tensor | None = None):
+    def __init__(self, lm_head: nn.Module, token_map: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         w, b = lm_head.weight, getattr(lm_head, "bias", None)
         self.token_map = None if token_map is None else token_map.to(w.device)
         self.weight = w if token_map is None else w[self.token_map].detach()
         self.bias = b if (b is None or token_map is None) else b[self.token_map].detach()
+        if dtype is not None and dtype != self.weight.dtype:      # a copy in the draft's precision
+            self.weight = self.weight.detach().to(dtype)
+            self.bias = None if self.bias is None else self.bias.detach().to(dtype)
 
     @property
     def size(self) -> int:
         return self.weight.shape[0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def to_target(self, idx: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary indices -> target token ids."""

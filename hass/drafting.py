@@ -32,13 +32,13 @@ class Drafter:
 
     def __init__(self, draft: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module):
         self.draft, self.embed = draft, embed
-        self.head = OutputHead(lm_head, draft.token_map)
+        self.head = OutputHead(lm_head, draft.token_map, dtype=draft.fc.weight.dtype)
         self.kv: KV | None = None
         self.last_out: torch.Tensor | None = None     # [1, 1, H]: the draft's guess of f at the root
 
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
         """Draft log-probs over its own vocabulary (the token map's, or the target's)."""
-        return torch.log_softmax(self.head.logits(out).float(), dim=-1)
+        return torch.log_softmax(self.head.logits(out).float(), dim=-1)   # ranks in fp32 whatever the draft's dtype
 
     @torch.inference_mode()
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor, start: int) -> None:

@@ -30,10 +30,10 @@ def heldout_accuracy(draft: DraftHead, target: Target, data_dir: str, align_step
     n = min(len(ds), max_dialogues)
     if n == 0:
         raise ValueError(f"{data_dir} holds no prepared dialogues")
-    head = OutputHead(target.lm_head, draft.token_map)
+    dev, dt = target.device, next(draft.parameters()).dtype
+    head = OutputHead(target.lm_head, draft.token_map, dtype=dt)
     hits = [0] * align_steps
     total = 0
-    dev, dt = target.device, next(draft.parameters()).dtype
     for start in range(0, n, batch_size):
         batch = collate([ds[i] for i in range(start, min(n, start + batch_size))], ds.pad_id)
         ids = batch["input_ids"].to(dev)
