@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--questions", type=int, default=5, help="first N questions of each set")
     cv.add_argument("--max-new-tokens", type=int, default=96)
     _add_tree_args(cv)
+    cv.add_argument("--only", default=None, help="comma list of snapshot names (default: all)")
     cv.add_argument("--json", action="store_true")
 
     cd = sub.add_parser("card", help="ship a trained draft (fp16) with a card written from its own run files")
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--prompts-file", required=True, nargs="+", type=Path,
                     help="JSONL file(s), one prompt per line: {turns: [...]} (first turn), {prompt} or {messages}")
     bt.add_argument("--limit", type=int, default=None, help="first N prompts of each file")
+    bt.add_argument("--max-prompts", type=int, default=None, help="at most N prompts in all (after --limit)")
     bt.add_argument("--batch-size", default="8", help="samples decoded together (a comma list runs each size)")
     bt.add_argument("--method", default="ems", help="ems | padded | sequential (a comma list runs each in turn, in one process)")
     _add_model_args(bt)
@@ -460,11 +462,24 @@ def cmd_curve(args) -> int:
     tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree, as eval-draft
                       6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
     target = load_target(args.model, args.device, args.dtype)
+    out = args.run / "curve.json"
+    settings = {"tree": [tree.total_tokens, tree.depth, tree.top_k], "questions_per_set": args.questions,
+                "max_new_tokens": args.max_new_tokens, "sets": args.sets}
+    done = []
+    if out.is_file():                      # resume: rows measured with the same settings are kept
+        old = json.loads(out.read_text())
+        if {k: old.get(k) for k in settings} == settings:
+            done = old.get("rows", [])
+
+    def save(rows):
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**settings, "rows": rows}, indent=2))
+        tmp.replace(out)
+    only = [x for x in args.only.split(",") if x] if args.only else None
     rows = training_curve(target, str(args.run), [x for x in args.sets.split(",") if x], args.questions,
-                          args.max_new_tokens, tree, str(args.heldout) if args.heldout else None, args.align_steps)
-    (args.run / "curve.json").write_text(json.dumps({"tree": [tree.total_tokens, tree.depth, tree.top_k],
-                                                     "questions_per_set": args.questions,
-                                                     "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=2))
+                          args.max_new_tokens, tree, str(args.heldout) if args.heldout else None, args.align_steps,
+                          only=only, done=done, on_row=save)
+    save(rows)
     print(json.dumps(rows) if args.json else curve_table(rows))
     return 0
 
@@ -486,9 +501,9 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--batch-size takes whole numbers, got {args.batch_size!r}") from exc
     if not sizes or min(sizes) < 1:
         raise ValueError("--batch-size must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
-    chats = [c for f in args.prompts_file for c in load_prompt_file(f)[:args.limit]]
+    if (args.limit is not None and args.limit < 1) or (args.max_prompts is not None and args.max_prompts < 1):
+        raise ValueError("--limit and --max-prompts must be >= 1")
+    chats = [c for f in args.prompts_file for c in load_prompt_file(f)[:args.limit]][:args.max_prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens,
                            sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling), seed=args.seed)
     cfg.validate()

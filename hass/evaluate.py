@@ -77,9 +77,14 @@ def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_
 
 
 def training_curve(target: Target, run_dir: str, sets: list[str], questions: int, max_new_tokens: int,
-                   tree: TreeConfig, heldout: str | None = None, align_steps: int = 3) -> list[dict]:
+                   tree: TreeConfig, heldout: str | None = None, align_steps: int = 3,
+                   only: list[str] | None = None, done: list[dict] | None = None,
+                   on_row=None) -> list[dict]:
     """tau (and held-out accuracy) of every snapshot a `train --snapshots` run kept, in step
-    order, so the next run can be planned from how tau grew with training time."""
+    order, so the next run can be planned from how tau grew with training time.
+
+    `only` picks snapshots by name; rows in `done` (an earlier, interrupted call) are kept
+    and not measured again; `on_row` sees every row as it is measured (to save progress)."""
     import json
     from pathlib import Path
 
@@ -90,8 +95,15 @@ def training_curve(target: Target, run_dir: str, sets: list[str], questions: int
         if snap_root.is_dir() else []
     if not folders:
         raise FileNotFoundError(f"no snapshots in {snap_root} (train with --snapshots)")
-    rows = []
+    if only:
+        missing = set(only) - {p.name for p in folders}
+        if missing:
+            raise FileNotFoundError(f"no snapshot {', '.join(sorted(missing))} in {snap_root}")
+        folders = [p for p in folders if p.name in only]
+    rows = [r for r in (done or []) if r["snapshot"] in {p.name for p in folders}]
     for folder in folders:
+        if any(r["snapshot"] == folder.name for r in rows):
+            continue
         progress = json.loads((folder / "progress.json").read_text())
         draft = load_draft(folder, target.config, target.device, target.dtype)
         row = {"snapshot": folder.name, "step": progress["step"], "epoch": round(progress["epoch"], 3),
@@ -103,6 +115,9 @@ def training_curve(target: Target, run_dir: str, sets: list[str], questions: int
         row["mean_tau"] = sum(taus.values()) / max(len(taus), 1)
         log.info("%s: mean tau %.3f", folder.name, row["mean_tau"])
         rows.append(row)
+        rows.sort(key=lambda r: r["step"])
+        if on_row:
+            on_row(rows)
     return rows
 
 
