@@ -3,29 +3,38 @@
 Handlers are plain functions of (studio, session, UI values); `app/ui.py` binds them to
 components. Streaming handlers are generators that yield one tuple per UI update, in the
 order of the *_OUTPUTS names below. Decoding runs in a `DecodeRun` thread; the handler
-only reads its queue, so drawing never slows the decoder, and figures are redrawn at most
-every FIGURE_EVERY seconds (and always at the end).
+only reads its queue, so drawing never sits inside the decoder's timed sections.
+
+Drawing still shares the process (and the GIL) with the decoder, so it is budgeted
+(`Throttle`): while an answer streams, the time spent building updates plus the time the
+generator waits at `yield` (Gradio postprocessing and sending the update) stays near
+UI_SHARE of the wall time, half for text, half for figures; text updates come at most every
+TEXT_EVERY seconds, figures at most every FIGURE_EVERY seconds and less often when they are
+expensive; the last update always has everything. `python -m app.speedcheck` measures the
+result against the CLI.
 """
 from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
 import gradio as gr
 
 from hass.events import Step, summarize
-from visual import (depth_acceptance_figure, highlight_html, mask_figure, speedup_figure, speedups,
+from visual import (depth_acceptance_figure, highlight_html, mask_figure, speedup_figure,
                     time_split_figure, tree_figure)
 from visual.theme import empty_figure
 
-from .studio import DecodeRun, Session, SettingsError, Studio, TokenTexts, Turn, collect, make_config
+from .studio import Session, SettingsError, Studio, TokenTexts, Turn, collect, make_config
 
-FIGURE_EVERY = 0.5          # seconds between figure redraws while streaming
-TEXT_EVERY = 0.08           # seconds between text updates while streaming
+FIGURE_EVERY = 1.0          # at least this many seconds between figure redraws while streaming
+TEXT_EVERY = 0.1            # at least this many seconds between text updates while streaming
+UI_SHARE = 0.06             # the UI's budget: share of the wall time spent on updates while streaming
 MODES = ("HASS", "plain")
 
 CHAT_OUTPUTS = ("state", "chat", "message", "status", "stats", "tree", "mask", "depth", "speed", "time", "slider")
-RACE_OUTPUTS = ("plain_html", "hass_html", "speed", "depth", "status")
+RACE_OUTPUTS = ("left_html", "right_html", "speed", "depth", "status")
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -35,9 +44,12 @@ def _esc(s: str) -> str:
 
 def answer_html(turn: Turn, highlight: bool = True) -> str:
     if not turn.steps:
-        body = '<div class="hs-out hs-wait">…</div>' if turn.running else '<div class="hs-out"></div>'
-    else:
-        body = highlight_html(turn.steps, turn.texts, show=highlight)
+        return '<div class="hs-out hs-wait">…</div>' if turn.running else '<div class="hs-out"></div>'
+    key = (highlight, len(turn.texts))              # earlier answers do not change: render them once
+    if turn.html and turn.html[0] == key:
+        return turn.html[1]
+    body = highlight_html(turn.steps, turn.texts, show=highlight)
+    turn.html = (key, body)
     return body
 
 
@@ -97,7 +109,11 @@ def step_figures(target, step: Step | None):
 
 
 def _last_tree_step(steps: list[Step]) -> Step | None:
-    """The latest step with a real tree (the last step is often cut short by the budget)."""
+    """The latest typical step: a real tree, not cut short by the end of the answer (the last
+    step often is: the token budget or EOS), else the latest step with any tree."""
+    for st in reversed(steps):
+        if st.tree is not None and len(st.tree) > 1 and st.stop_reason is None:
+            return st
     for st in reversed(steps):
         if st.tree is not None and len(st.tree) > 1:
             return st
@@ -110,8 +126,9 @@ def _last_tree_step(steps: list[Step]) -> Step | None:
 def live_figures(studio: Studio, session: Session, turn: Turn):
     steps = turn.steps
     tree, mask = step_figures(studio.target, _last_tree_step(steps))
-    conv = session.conversation_steps()
-    depth = depth_acceptance_figure({"HASS (this conversation)": conv}, "Acceptance by depth · this conversation")
+    by_draft = session.steps_by_draft()       # one series per draft when the conversation used several
+    series = by_draft if len(by_draft) > 1 else {"HASS (this conversation)": session.conversation_steps()}
+    depth = depth_acceptance_figure(series, "Acceptance by depth · this conversation")
     speed = speedup_figure({turn.mode: steps}) if steps else empty_figure("no tokens yet", "Tokens over time",
                                                                            uirevision="hass-race")
     timing = time_split_figure(steps)
@@ -178,16 +195,50 @@ def send(studio: Studio, session: Session, message: str, mode: str, temperature,
     yield from _stream(studio, session, turn, gen, highlight, clear_message=True)
 
 
+class Throttle:
+    """The streaming budget, half for text and half for figures: `text_ui` / `fig_ui` count
+    the seconds spent on updates (building them, then waiting at `yield` while Gradio
+    processes and sends them). A text update is due when TEXT_EVERY has passed and the text
+    time is within UI_SHARE / 2 of the elapsed time; figures when FIGURE_EVERY has passed and
+    also their last cost / (UI_SHARE / 2), so together updates stay near UI_SHARE."""
+
+    def __init__(self, share: float | None = None, text_every: float | None = None,
+                 figure_every: float | None = None):
+        self.share = UI_SHARE if share is None else share
+        self.text_every = TEXT_EVERY if text_every is None else text_every
+        self.figure_every = FIGURE_EVERY if figure_every is None else figure_every
+        self.t0 = time.perf_counter()
+        self.text_ui = 0.0
+        self.fig_ui = 0.0
+        self.last_text = float("-inf")
+        self.last_fig = self.t0            # the first figures after FIGURE_EVERY: text streams first
+        self.fig_cost = 0.0
+
+    def text_due(self, now: float) -> bool:
+        return now - self.last_text >= self.text_every and self.text_ui <= self.share / 2 * (now - self.t0)
+
+    def figures_due(self, now: float) -> bool:
+        return now - self.last_fig >= max(self.figure_every, self.fig_cost / max(self.share / 2, 1e-9))
+
+    def spent(self, start: float, end: float, figures: bool) -> None:
+        if figures:
+            self.fig_ui += end - start
+            self.last_fig, self.fig_cost = end, end - start
+        else:
+            self.text_ui += end - start
+
+
 def _stream(studio: Studio, session: Session, turn: Turn, gen, highlight: bool, clear_message: bool = False):
     texts = TokenTexts(studio.target)
     run = studio.start(session, [(turn.mode, gen)])
     t0 = time.perf_counter()
-    last_fig = 0.0
-    last_text = 0.0
+    th = Throttle()
+    pending = False
     status = f"generating ({turn.mode}{' · ' + turn.draft if turn.draft else ''})…"
     try:
         yield (session, chat_html(session, highlight), "" if clear_message else gr.skip(), status,
                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), _slider(turn, False))
+        th.spent(t0, time.perf_counter(), False)
         while not run.finished:
             got = run.drain(0.05)
             for _, st in got:
@@ -196,19 +247,22 @@ def _stream(studio: Studio, session: Session, turn: Turn, gen, highlight: bool, 
                 turn.texts.extend(texts.push(st.new_tokens))
             turn.answer = texts.text
             turn.wall_s = time.perf_counter() - t0
+            pending = pending or bool(got)
             now = time.perf_counter()
-            if not got or now - last_text < TEXT_EVERY:
+            if not pending or not th.text_due(now):
                 continue
-            last_text = now
-            if now - last_fig >= FIGURE_EVERY:
-                last_fig = now
+            pending = False
+            th.last_text = now
+            with_figs = th.figures_due(now)
+            if with_figs:
                 figs = live_figures(studio, session, turn)
                 stats = stats_markdown(turn.steps, turn.wall_s, turn.mode)
-                yield (session, chat_html(session, highlight), gr.skip(), status, stats, *figs, gr.skip())
-                last_fig = time.perf_counter()      # drawing time does not count as waiting
+                out = (session, chat_html(session, highlight), gr.skip(), status, stats, *figs, gr.skip())
             else:
-                yield (session, chat_html(session, highlight), gr.skip(), status, gr.skip(), gr.skip(), gr.skip(),
+                out = (session, chat_html(session, highlight), gr.skip(), status, gr.skip(), gr.skip(), gr.skip(),
                        gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            yield out
+            th.spent(now, time.perf_counter(), with_figs)
         run.wait(5)
         turn.answer = studio.target.decode(turn.ids)
         turn.wall_s = time.perf_counter() - t0
@@ -365,29 +419,65 @@ def check_lossless(studio: Studio, session: Session, prompt: str, max_new_tokens
     b = [t for s in got.get("HASS", []) for t in s.new_tokens]
     tau = summarize(got.get("HASS", [])).tau
     if a == b:
-        return (f"✅ **identical**: plain and HASS greedy produced the same {len(a)} token ids "
+        return (f"✔ **identical**: plain and HASS greedy produced the same {len(a)} token ids "
                 f"(HASS used {len(got.get('HASS', []))} target forwards instead of {len(a)}, τ {tau:.2f})")
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return (f"❌ **different** from token {k}: plain {a[k:k + 5]} vs HASS {b[k:k + 5]} "
+    return (f"✘ **different** from token {k}: plain {a[k:k + 5]} vs HASS {b[k:k + 5]} "
             f"({len(a)} vs {len(b)} tokens). This is a bug: please report it.")
 
 
 # -- race and A/B -----------------------------------------------------------------------------------
-def _side_html(steps: list[Step], texts: list[str], title: str, highlight: bool = True) -> str:
+AB_CHOICES = ("shipped EAGLE-2", "trained in this app", "the chat's draft")
+
+
+def _side_html(steps: list[Step], texts: list[str], title: str, highlight: bool = True, done: bool = False) -> str:
     s = summarize(steps) if steps else None
     head = f"<div class='hs-role'>{_esc(title)}" + (
-        f" · {s.new_tokens} tokens · {s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f}" if s else "") + "</div>"
+        f" · {s.new_tokens} tokens · {s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f}" if s else "") + (
+        " · done" if done and s else "") + "</div>"
     body = highlight_html(steps, texts, show=highlight) if steps else "<div class='hs-out hs-wait'>waiting…</div>"
     return f"<div class='hs-side'>{head}{body}</div>"
 
 
-def _race_stream(studio: Studio, session: Session, names: list[str], jobs, highlight: bool, fig_names: dict,
-                 depth_title: str):
+def race_verdict(races: dict[str, list[Step]]) -> str:
+    """The race's result in words: the second series against the first (plain, or draft A),
+    as total-time ratio when both produced the same new tokens (each series timed by its own
+    step clocks), else as the ratio of tokens per second, said so."""
+    (a, sa), (b, sb) = list(races.items())[:2]
+    x, y = summarize(sa), summarize(sb)
+    if not x.new_tokens or not y.new_tokens or x.seconds <= 0 or y.seconds <= 0:
+        return "no result: a side produced no tokens"
+    same = [t for st in sa for t in st.new_tokens] == [t for st in sb for t in st.new_tokens]
+    if x.new_tokens == y.new_tokens:
+        r = x.seconds / y.seconds
+        how = (f"{a} {x.seconds:.2f} s vs {b} {y.seconds:.2f} s for the same {x.new_tokens} new tokens "
+               "(identical token ids)" if same else
+               f"{a} {x.seconds:.2f} s vs {b} {y.seconds:.2f} s for {x.new_tokens} new tokens each")
+    else:
+        r = y.tokens_per_s / x.tokens_per_s
+        how = (f"different lengths ({x.new_tokens} vs {y.new_tokens} tokens), so the ratio of tokens/s: "
+               f"{y.tokens_per_s:.1f} vs {x.tokens_per_s:.1f}")
+    if r >= 1:
+        head = f"{b}: {r:.2f}× faster than {a}"
+    else:
+        head = f"{b}: {r:.2f}×, slower than {a} ({a} is {1 / r:.2f}× faster)"
+    return f"**{_esc(head)}** · {_esc(how)}"
+
+
+def _race_stream(studio: Studio, session: Session, warmup, racers, highlight: bool, depth_title: str):
+    """Stream a race: `warmup` jobs first (not shown), then the two `racers` (title, generator)
+    interleaved by DecodeRun. Yields RACE_OUTPUTS tuples."""
+    names = [n for n, _ in racers]
     steps: dict[str, list[Step]] = {n: [] for n in names}
     texts: dict[str, list[str]] = {n: [] for n in names}
     decoders = {n: TokenTexts(studio.target) for n in names}
-    run = studio.start(session, jobs)
-    last_fig = 0.0
+    finished: set[str] = set()
+    run = studio.start(session, warmup, race=racers)
+    th = Throttle()
+    pending = False
+    yield (_side_html([], [], names[0]), _side_html([], [], names[1]), gr.skip(), gr.skip(),
+           "warming up…" if warmup else "racing…")
+    th.spent(th.t0, time.perf_counter(), False)
     try:
         while not run.finished:
             got = run.drain(0.1)
@@ -396,82 +486,112 @@ def _race_stream(studio: Studio, session: Session, names: list[str], jobs, highl
                     continue
                 steps[name].append(st)
                 texts[name].extend(decoders[name].push(st.new_tokens))
-            if not got:
-                continue
+                pending = True
+                if st.stop_reason:
+                    finished.add(name)
             now = time.perf_counter()
-            figs = (gr.skip(), gr.skip())
-            if now - last_fig >= FIGURE_EVERY:
-                figs = (speedup_figure({fig_names[n]: steps[n] for n in names}),
-                        depth_acceptance_figure({fig_names[n]: steps[n] for n in names}, depth_title))
-                last_fig = time.perf_counter()
-            yield (_side_html(steps[names[0]], texts[names[0]], fig_names[names[0]], highlight),
-                   _side_html(steps[names[1]], texts[names[1]], fig_names[names[1]], highlight), *figs,
-                   f"running {', '.join(n for n in names if steps[n])}…")
+            if not pending or not th.text_due(now):
+                continue
+            pending = False
+            th.last_text = now
+            with_figs = th.figures_due(now)
+            figs = ((speedup_figure(steps), depth_acceptance_figure(steps, depth_title)) if with_figs
+                    else (gr.skip(), gr.skip()))
+            status = "racing (interleaved step by step): " + " · ".join(
+                f"{n} {sum(len(s.new_tokens) for s in steps[n])} tokens" + (" (done)" if n in finished else "")
+                for n in names)
+            yield (*(_side_html(steps[n], texts[n], n, highlight, n in finished) for n in names), *figs, status)
+            th.spent(now, time.perf_counter(), with_figs)
         run.wait(5)
     finally:
         studio.finish(session, run)
-    races = {fig_names[n]: steps[n] for n in names}
     if run.error is not None:
         status = _warn(f"failed: {run.error}")
+    elif run.stop.is_set() and len(finished) < len(names):
+        status = "stopped before both sides finished"
     else:
-        ratio = speedups(races)
-        status = ("**" + " · ".join(f"{k}: speedup {v:.2f}× over plain" for k, v in ratio.items()) + "**"
-                  if ratio else "done")
+        status = race_verdict(steps)
         status += "  \n" + "  \n".join(stats_markdown(v, None, k).split("\n")[0] + f" · τ {summarize(v).tau:.2f}"
-                                       for k, v in races.items())
-    yield (_side_html(steps[names[0]], texts[names[0]], fig_names[names[0]], highlight),
-           _side_html(steps[names[1]], texts[names[1]], fig_names[names[1]], highlight),
-           speedup_figure(races), depth_acceptance_figure(races, depth_title), status)
+                                        for k, v in steps.items())
+    yield (*(_side_html(steps[n], texts[n], n, highlight, n in finished) for n in names),
+           speedup_figure(steps), depth_acceptance_figure(steps, depth_title), status)
+
+
+def _warmup_jobs(studio: Studio, ids: list[int], specs: list[tuple[str, str]], warmup: int, temperature, top_p,
+                 total_tokens, depth, top_k):
+    if not warmup:
+        return []
+    wcfg = make_config(temperature, top_p, warmup, total_tokens, depth, top_k)
+    return [(f"warmup-{i}", studio.generator(mode, ids, wcfg, spec)) for i, (mode, spec) in enumerate(specs)]
 
 
 def race(studio: Studio, session: Session, prompt: str, temperature, top_p, max_new_tokens, total_tokens, depth,
          top_k, highlight: bool = True, warmup: int = 8):
-    """Plain then HASS on the same prompt, side by side, with the measured speedup.
-    Yields RACE_OUTPUTS tuples."""
+    """Plain and HASS on the same prompt, interleaved step by step (after a short warm-up of
+    both), streaming side by side, with the measured speedup. Yields RACE_OUTPUTS tuples."""
     session = session if session is not None else Session()
     try:
         messages = _prompt_messages(session, prompt)
         cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k)
         ids = studio.target.render(messages)
         label = studio.draft_for(session.draft_spec)[1]
-        jobs = []
-        if warmup:
-            wcfg = make_config(temperature, top_p, warmup, total_tokens, depth, top_k)
-            jobs += [("warmup-plain", studio.generator("plain", ids, wcfg)),
-                     ("warmup-hass", studio.generator("HASS", ids, wcfg, session.draft_spec))]
-        jobs += [("plain", studio.generator("plain", ids, cfg)),
-                 ("HASS", studio.generator("HASS", ids, cfg, session.draft_spec))]
+        jobs = _warmup_jobs(studio, ids, [("plain", ""), ("HASS", session.draft_spec)], warmup, temperature, top_p,
+                            total_tokens, depth, top_k)
+        racers = [("plain", studio.generator("plain", ids, cfg)),
+                  (f"HASS ({label})", studio.generator("HASS", ids, cfg, session.draft_spec))]
     except (SettingsError, ValueError) as exc:
         yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), _warn(str(exc)))
         return
-    yield from _race_stream(studio, session, ["plain", "HASS"], jobs, highlight,
-                            {"plain": "plain", "HASS": f"HASS ({label})"}, "Acceptance by depth")
+    yield from _race_stream(studio, session, jobs, racers, highlight, "Acceptance by depth")
+
+
+def _ab_other(studio: Studio, session: Session, other: str) -> tuple[str, str]:
+    """(spec, series title) of draft B."""
+    if other in (None, "", "shipped EAGLE-2"):
+        if studio.shipped("eagle2") is None:
+            raise SettingsError(f"there is no shipped EAGLE-2 draft for {studio.target.name} (it appears in "
+                                "assets/drafts/ once trained); compare with a draft trained in this app instead")
+        return "eagle2", "EAGLE-2 draft (shipped)"
+    if other == "trained in this app":
+        spec = studio.draft_spec_for("trained in this app")
+        return spec, f"trained here ({Path(spec).name})"
+    if other == "the chat's draft":
+        spec = session.draft_spec or "default"
+        label = studio.draft_for(spec)[1]
+        shipped_hass = studio.shipped("hass")
+        if spec in ("hass", "default") or (shipped_hass is not None and label == shipped_hass.name):
+            raise SettingsError("the chat uses the shipped HASS draft itself: pick another draft in the chat's "
+                                "settings, or compare with the shipped EAGLE-2 draft")
+        return spec, f"chat's draft ({label})"
+    raise SettingsError(f"unknown A/B choice {other!r}: use one of {', '.join(AB_CHOICES)}")
 
 
 def ab(studio: Studio, session: Session, prompt: str, temperature, top_p, max_new_tokens, total_tokens, depth,
-       top_k, highlight: bool = True):
-    """The shipped HASS draft against the shipped EAGLE-2 draft on the same prompt: per-depth
-    acceptance compared. Yields RACE_OUTPUTS tuples."""
+       top_k, highlight: bool = True, other: str = "shipped EAGLE-2", warmup: int = 8):
+    """The shipped HASS draft (A) against another draft (B: the shipped EAGLE-2 draft, the one
+    trained in this app, or the chat's draft) on the same prompt, interleaved step by step:
+    per-depth acceptance compared, one series per draft. Yields RACE_OUTPUTS tuples."""
     session = session if session is not None else Session()
-    missing = [k for k in ("hass", "eagle2") if studio.shipped(k) is None]
-    if missing:
-        names = {"hass": "HASS", "eagle2": "EAGLE-2"}
-        msg = (f"A/B needs both shipped drafts for {studio.target.name}; missing: "
-               + ", ".join(names[m] for m in missing)
-               + " (they appear in assets/drafts/ once trained). Use the race against plain decoding meanwhile.")
-        yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), _warn(msg))
-        return
     try:
+        if studio.shipped("hass") is None:
+            raise SettingsError(f"A/B compares against the shipped HASS draft, and none ships for "
+                                f"{studio.target.name} yet (it appears in assets/drafts/ once trained). Use the "
+                                "race against plain decoding meanwhile.")
+        spec_b, name_b = _ab_other(studio, session, other)
         messages = _prompt_messages(session, prompt)
         cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k)
         ids = studio.target.render(messages)
-        jobs = [("A", studio.generator("HASS", ids, cfg, "hass")), ("B", studio.generator("HASS", ids, cfg, "eagle2"))]
+        jobs = _warmup_jobs(studio, ids, [("HASS", "hass"), ("HASS", spec_b)], warmup, temperature, top_p,
+                            total_tokens, depth, top_k)
+        racers = [("HASS draft (shipped)", studio.generator("HASS", ids, cfg, "hass")),
+                  (name_b, studio.generator("HASS", ids, cfg, spec_b))]
     except (SettingsError, ValueError) as exc:
         yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), _warn(str(exc)))
         return
-    yield from _race_stream(studio, session, ["A", "B"], jobs, highlight,
-                            {"A": "HASS draft", "B": "EAGLE-2 draft"}, "Acceptance by depth · HASS vs EAGLE-2")
+    yield from _race_stream(studio, session, jobs, racers, highlight,
+                            f"Acceptance by depth · {racers[0][0]} vs {name_b}")
 
 
 __all__ = ["send", "stop", "regenerate", "clear", "replay", "rehighlight", "set_draft", "load_model", "race", "ab",
-           "check_lossless", "chat_html", "stats_markdown", "step_figures", "CHAT_OUTPUTS", "RACE_OUTPUTS", "MODES"]
+           "check_lossless", "chat_html", "stats_markdown", "step_figures", "race_verdict", "CHAT_OUTPUTS",
+           "RACE_OUTPUTS", "MODES", "AB_CHOICES", "Throttle"]

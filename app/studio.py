@@ -50,6 +50,7 @@ class Turn:
     running: bool = False
     note: str = ""                                      # "stopped", an error, ...
     wall_s: float = 0.0
+    html: tuple = ()                                    # (key, HTML) of the answer, reused while unchanged
 
 
 @dataclass
@@ -75,6 +76,15 @@ class Session:
 
     def conversation_steps(self) -> list[Step]:
         return [s for t in self.turns if t.mode == "HASS" for s in t.steps]
+
+    def steps_by_draft(self) -> dict[str, list[Step]]:
+        """The conversation's HASS steps per draft (folder drafts by their folder's name), in
+        the order the drafts were first used."""
+        out: dict[str, list[Step]] = {}
+        for t in self.turns:
+            if t.mode == "HASS" and t.steps:
+                out.setdefault(Path(t.draft).name if t.draft else "HASS", []).extend(t.steps)
+        return out
 
     @property
     def last(self) -> Turn | None:
@@ -140,39 +150,68 @@ def make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, 
 
 # -- decoding in a background thread --------------------------------------------------------------
 class DecodeRun:
-    """Runs one or more step generators one after the other in a thread and hands their
-    steps over through a queue, so the UI's work (HTML, plots) never sits inside the
-    decoder's timed sections. `stop` ends it between steps."""
+    """Runs step generators in a thread and hands their steps over through a queue, so the
+    UI's work (HTML, plots) never sits inside the decoder's timed sections. `stop` ends it
+    between steps.
 
-    def __init__(self, jobs: list[tuple[str, Iterator[Step]]]):
+    `jobs` run one after the other. `race` jobs run after them, interleaved step by step on
+    the same thread: the next step always goes to the racer that has used the least decoding
+    time so far (its own step timings, which exclude everything outside the generator, so
+    a racer is never charged for the other's steps or for the UI). Both racers thus run
+    under the same machine conditions, stream at once, and at any moment have had about
+    the same compute time, so their progress on screen is their speed."""
+
+    def __init__(self, jobs: list[tuple[str, Iterator[Step]]], race: list[tuple[str, Iterator[Step]]] | None = None):
         self.jobs = jobs
+        self.race = list(race or [])
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.stop = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.order: list[str] = []            # job name of every step, in the order they ran
+        self.used: dict[str, float] = {}      # decoding seconds per job (sum of its step timings)
         self.thread = threading.Thread(target=self._run, name="hass-decode", daemon=True)
 
     def start(self) -> "DecodeRun":
         self.thread.start()
         return self
 
+    def _put(self, name: str, step: Step) -> None:
+        self.order.append(name)
+        self.used[name] = self.used.get(name, 0.0) + step.seconds
+        self.q.put((name, step))
+
     def _run(self) -> None:
         try:
             for name, gen in self.jobs:
                 try:
                     for step in gen:
-                        self.q.put((name, step))
+                        self._put(name, step)
                         if self.stop.is_set():
                             break
                 finally:
                     gen.close()
                 if self.stop.is_set():
                     break
+            if self.race and not self.stop.is_set():
+                self._interleave()
         except BaseException as exc:        # reported to the UI, never raised in the thread
             log.exception("decoding failed")
             self.error = exc
         finally:
+            for _, gen in self.jobs + self.race:
+                gen.close()
             self.done.set()
+
+    def _interleave(self) -> None:
+        live = list(self.race)
+        while live and not self.stop.is_set():
+            name, gen = min(live, key=lambda j: self.used.get(j[0], 0.0))     # ties: the order given
+            step = next(gen, None)
+            if step is None:
+                live.remove((name, gen))
+                continue
+            self._put(name, step)
 
     def drain(self, wait: float = 0.1) -> list[tuple[str, Step]]:
         """Everything produced so far; waits up to `wait` s for the first item."""
@@ -294,8 +333,11 @@ class Studio:
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
 
-    def start(self, session: Session, jobs: list[tuple[str, Iterator[Step]]]) -> DecodeRun:
-        run = DecodeRun(jobs)
+    def start(self, session: Session, jobs: list[tuple[str, Iterator[Step]]],
+              race: list[tuple[str, Iterator[Step]]] | None = None) -> DecodeRun:
+        """Run `jobs` (then `race`, interleaved: see DecodeRun) for this session; a run the
+        session still had is stopped."""
+        run = DecodeRun(jobs, race)
         with self._lock:
             old = self._runs.pop(session.sid, None)
             if old is not None:

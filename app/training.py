@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ TRAIN_OUTPUTS = ("state", "progress", "figure", "status", "timer")
 
 def data_root() -> Path:
     return cache_root() / "data"
+
+
+def drafts_root() -> Path:
+    """Where drafts trained in the app go: $HASS_APP_DRAFTS, else <cache>/app-drafts."""
+    env = os.environ.get("HASS_APP_DRAFTS", "").strip()
+    return Path(env).expanduser() if env else cache_root() / "app-drafts"
 
 
 def default_data() -> str:
@@ -87,7 +94,7 @@ class TrainingManager:
     def __init__(self, runs_dir: Path | None = None):
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
-        self.runs_dir = Path(runs_dir) if runs_dir else cache_root() / "app-drafts"
+        self.runs_dir = Path(runs_dir) if runs_dir else drafts_root()
         self._last_draft: Path | None = None
 
     def busy(self) -> bool:
@@ -263,4 +270,4 @@ def eval_tau(studio: Studio, manager: TrainingManager, questions=3, max_new_toke
 
 
 __all__ = ["TrainingManager", "TrainingJob", "start", "poll", "cancel", "use_draft", "prepare_small", "eval_tau",
-           "default_data", "progress_html"]
+           "default_data", "drafts_root", "progress_html"]

@@ -300,6 +300,7 @@ def cmd_bench(args) -> int:
         results[str(temp)] = {"summary": summary, "records": bench.as_dicts(records)}
     first = results[str(args.temperature[0])]["summary"]
     report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
+              "markdown": {t: bench.markdown_table(r["summary"], bandwidth) for t, r in results.items()},
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth},

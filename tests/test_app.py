@@ -6,6 +6,7 @@ the draft is random (exact output, few accepted tokens).
 """
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -61,6 +62,7 @@ def slow(studio: Studio, monkeypatch, delay: float = 0.02):
         return wrapped()
     monkeypatch.setattr(studio, "generator", gen)
     monkeypatch.setattr(chat, "TEXT_EVERY", 0.0)
+    monkeypatch.setattr(chat, "UI_SHARE", 1.0)         # no UI budget: every step is an update
 
 
 def run_all(gen) -> list:
@@ -89,6 +91,24 @@ def test_streaming_yields_growing_text_and_highlighted_tokens(studio, session, m
     # replay any step
     tree, mask, info = chat.replay(studio, session, 1)
     assert "step 1" in info and tree is not None and mask is not None
+
+
+def test_updates_stay_within_the_ui_budget(studio, session, monkeypatch):
+    """A slow consumer (Gradio postprocessing, the network) gets fewer updates: the time
+    spent at `yield` stays within UI_SHARE of the wall time, and the text still streams."""
+    slow(studio, monkeypatch, delay=0.01)
+    monkeypatch.setattr(chat, "UI_SHARE", 0.06)
+    monkeypatch.setattr(chat, "TEXT_EVERY", 0.02)
+    cost, n, lengths = 0.03, 0, []
+    t0 = time.perf_counter()
+    for out in chat.send(studio, session, "Tell me a long story.", *settings(mode="plain", max_new_tokens=250), True):
+        n += 1
+        lengths.append(len(out[0].turns[-1].answer))
+        time.sleep(cost)                                     # what each update costs the server
+    wall = time.perf_counter() - t0
+    assert wall > 2.0 and len(session.turns[-1].ids) == 250
+    assert n * cost <= 0.06 * wall + 3 * cost, (n, wall)    # 3 = the first, the last and one in flight
+    assert len(set(lengths)) >= 3, lengths                   # still streaming
 
 
 def test_stop_keeps_partial_answer_and_history(studio, session, monkeypatch):
@@ -166,6 +186,22 @@ def test_clear_and_plain_mode(studio, session):
     assert out[0].turns == [] and "Ask something" in out[1]
 
 
+def test_acceptance_panel_has_one_series_per_draft_used_in_the_conversation(studio, session, chat_target, tmp_path):
+    from hass.draft import new_draft, save_draft
+    other = tmp_path / "other-draft"
+    save_draft(new_draft(chat_target.config, seed=1), other)
+    outs = run_all(chat.send(studio, session, "Hi", *settings(max_new_tokens=6), True))
+    depth = outs[-1][7]
+    assert [tr.name.split(" (τ")[0] for tr in depth.data] == ["HASS (this conversation)"]
+    _, msg = chat.set_draft(studio, session, "path", str(other))
+    assert not msg.startswith("⚠️"), msg
+    run_all(chat.send(studio, session, "Hi again", *settings(mode="plain", max_new_tokens=4), True))
+    outs = run_all(chat.send(studio, session, "And again", *settings(max_new_tokens=6), True))
+    depth = outs[-1][7]
+    assert [tr.name.split(" (τ")[0] for tr in depth.data] == ["random", "other-draft"]
+    assert depth.data[0].marker.color != depth.data[1].marker.color
+
+
 def test_failed_model_load_keeps_previous_model(studio):
     before = studio.target
     status, *_ = chat.load_model(studio, "/no/such/model/folder")
@@ -187,17 +223,118 @@ def test_draft_choices_fall_back_with_a_message(studio, session):
     assert "random" in msg and session.draft_spec == "random"
 
 
-def test_race_returns_a_speedup(studio, session):
-    outs = run_all(chat.race(studio, session, "Count to ten.", 0, 1, 16, 16, 4, 4, True, warmup=2))
+def _capture_runs(studio, monkeypatch) -> list:
+    runs = []
+    real = studio.start
+
+    def start(*a, **kw):
+        run = real(*a, **kw)
+        runs.append(run)
+        return run
+    monkeypatch.setattr(studio, "start", start)
+    return runs
+
+
+def test_race_interleaves_streams_both_sides_and_reports_the_time_ratio(studio, session, monkeypatch):
+    runs = _capture_runs(studio, monkeypatch)
+    slow(studio, monkeypatch, delay=0.02)        # outside the decoders' clocks: many UI updates
+    outs = run_all(chat.race(studio, session, "Count to ten.", 0, 1, 24, 16, 4, 4, True, warmup=2))
     left, right, speed, depth, status = outs[-1]
-    assert "×" in status and "over plain" in status
-    assert "×" in speed.layout.title.text
-    assert 'class="hs-tok"' in right and "plain" in left
+    (run,) = runs
+    assert run.error is None
+    names = ["plain", "HASS (random)"]
+    racing = [n for n in run.order if n in names]
+    warm = [n for n in run.order if n.startswith("warmup")]
+    assert warm and run.order[:len(warm)] == warm                 # the warm-up runs first, not shown
+    # interleaved: the sides take turns long before either is done (not all of one, then the other)
+    first_b = racing.index(names[1])
+    assert first_b < racing.count(names[0]) - 1, racing
+    assert racing[first_b + 1:].count(names[0]) > 0, racing
+    # both panes streamed at once: some update shows tokens on both sides before either was done
+    done = " · done</div>"
+    both = [o for o in outs[:-1] if isinstance(o[0], str) and isinstance(o[1], str) and "hs-tok" in o[0]
+            and "hs-tok" in o[1] and done not in o[0] and done not in o[1]]
+    assert both, "the two sides never streamed at the same time"
+    # greedy: the same tokens on both sides, so the speedup is plain time / HASS time
+    ratio = run.used[names[0]] / run.used[names[1]]
+    verdict = "faster" if ratio >= 1 else "slower"
+    assert f"{ratio:.2f}×" in status and verdict in status, status
+    assert "for the same 24 new tokens (identical token ids)" in status, status
+    assert "×" in speed.layout.title.text and verdict in speed.layout.title.text
+    assert {tr.name.split(" (τ")[0] for tr in speed.data} == set(names)
+    assert 'class="hs-tok"' in right and "plain" in left and done in left and done in right
+
+
+def test_decode_run_gives_the_next_step_to_the_side_with_less_time():
+    from hass.events import Step
+
+    def fake(seconds: float, n: int):
+        for i in range(n):
+            yield Step(index=i, kind="plain", tree=None, path=[], accepted=0, new_tokens=[1], sources=["target"],
+                       target_prob=[1.0], timings={"draft": 0.0, "verify": seconds, "other": 0.0},
+                       stop_reason="max_new_tokens" if i == n - 1 else None)
+    run = DecodeRun([("warm", fake(1.0, 2))], race=[("fast", fake(0.25, 9)), ("slow", fake(0.75, 3))]).start()
+    run.wait(10)
+    assert run.error is None and run.q.qsize() == 14
+    # the warm-up first; then 'fast' (0.25 s steps) gets three steps for every step of 'slow'
+    # (0.75 s): the next step always goes to the side with less time used (ties: the order given)
+    assert run.order == ["warm", "warm"] + ["fast", "slow", "fast", "fast", "fast", "slow", "fast", "fast",
+                                            "fast", "slow", "fast", "fast"], run.order
+    assert run.used == {"warm": 2.0, "fast": 2.25, "slow": 2.25}
+
+
+def test_speedup_verdict_says_slower_when_it_is():
+    from hass.events import Step
+
+    def side(seconds: float, tokens: list[int], kind: str):
+        return [Step(index=0, kind=kind, tree=None, path=[], accepted=0, new_tokens=tokens,
+                     sources=["target"] * len(tokens), target_prob=[1.0] * len(tokens),
+                     timings={"draft": 0.0, "verify": seconds, "other": 0.0})]
+    fast = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 3], "plain")})
+    assert "2.00× faster than plain" in fast and "same 3 new tokens (identical token ids)" in fast
+    slow_ = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(1.25, [1, 2, 3], "plain")})
+    assert "0.80×, slower than plain" in slow_ and "plain is 1.25× faster" in slow_
+    assert "faster than plain" not in slow_
+    other = chat.race_verdict({"plain": side(1.0, [1, 2], "plain"), "HASS": side(1.0, [1, 2, 3, 4], "plain")})
+    assert "different lengths" in other and "2.00× faster" in other
+    sampled = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 4], "plain")})
+    assert "2.00× faster" in sampled and "for 3 new tokens each" in sampled and "identical" not in sampled
 
 
 def test_ab_without_shipped_drafts_says_why(studio, session):
     outs = run_all(chat.ab(studio, session, "Hi", 0, 1, 8, 16, 4, 4, True))
-    assert len(outs) == 1 and "A/B needs both shipped drafts" in outs[0][4]
+    assert len(outs) == 1 and "A/B compares against the shipped HASS draft" in outs[0][4]
+
+
+@pytest.fixture(scope="module")
+def default_studio(tmp_path_factory) -> Studio:
+    """The real default model with its shipped drafts (the model the app starts with)."""
+    target = load_target("default", device="cpu", dtype="fp32")
+    return Studio(target, "default", "default", training=TrainingManager(tmp_path_factory.mktemp("app-drafts")))
+
+
+def test_ab_with_the_shipped_drafts_on_the_default_model(default_studio):
+    studio = default_studio
+    assert studio.shipped("hass") is not None and studio.shipped("eagle2") is not None
+    t = studio.tree_defaults
+    outs = run_all(chat.ab(studio, Session(), "Name three rivers in Europe.", 0, 1, 20, t.total_tokens, t.depth,
+                           t.top_k, True, "shipped EAGLE-2", warmup=2))
+    left, right, speed, depth, status = outs[-1]
+    assert not status.startswith("⚠️"), status
+    series = {tr.name.split(" (τ")[0]: tr for tr in depth.data}
+    assert set(series) == {"HASS draft (shipped)", "EAGLE-2 draft (shipped)"}, list(series)
+    for tr in series.values():
+        assert len(tr.y) >= 1 and all(0 <= y <= 1 for y in tr.y) and tr.y[0] > 0     # depth 1 accepts something
+    assert series["HASS draft (shipped)"].marker.color != series["EAGLE-2 draft (shipped)"].marker.color
+    assert "HASS draft" in depth.layout.title.text and "EAGLE-2" in depth.layout.title.text
+    # greedy and lossless: both drafts give the target's own tokens, so the times compare directly
+    assert re.search(r"for the same \d+ new tokens \(identical token ids\)", status), status
+    assert 'class="hs-tok"' in left and 'class="hs-tok"' in right
+    # the other B choices explain themselves when they cannot run
+    out = run_all(chat.ab(studio, Session(), "Hi", 0, 1, 8, 16, 4, 4, True, "trained in this app"))
+    assert len(out) == 1 and "no draft has been trained" in out[0][4]
+    out = run_all(chat.ab(studio, Session(draft_spec="default"), "Hi", 0, 1, 8, 16, 4, 4, True, "the chat's draft"))
+    assert len(out) == 1 and "shipped HASS draft itself" in out[0][4]
 
 
 def test_losslessness_check_says_identical(studio, session):
@@ -289,6 +426,37 @@ def test_training_runs_one_at_a_time_and_its_draft_can_be_used(tiny_folder, trai
     assert "finished" in manager.job.describe() and len(manager.job.metrics) == 3
     outs = run_all(chat.send(studio, s, "Hi", *settings(max_new_tokens=4), True))
     assert outs[-1][0].turns[-1].draft.endswith(manager.job.out.name) or outs[-1][0].turns[-1].steps
+
+
+def test_app_drafts_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HASS_APP_DRAFTS", str(tmp_path / "drafts"))
+    assert TrainingManager().runs_dir == tmp_path / "drafts"
+    monkeypatch.delenv("HASS_APP_DRAFTS")
+    monkeypatch.setenv("HASS_CACHE", str(tmp_path / "cache"))
+    assert TrainingManager().runs_dir == tmp_path / "cache" / "app-drafts"
+
+
+def test_speedcheck_measures_the_app_handler_and_the_cli(tiny_folder, capsys):
+    import json
+
+    import torch
+
+    from app import speedcheck
+    threads = torch.get_num_threads()
+    try:
+        code = speedcheck.main(["--model", str(tiny_folder), "--draft", "random", "--prompt", "Hi", "--max-new-tokens",
+                                "6", "--rounds", "1", "--total-tokens", "8", "--depth", "3", "--top-k", "3",
+                                "--tolerance", "1.0", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert code == 0 and res["same_ids"] and res["settings"]["total_tokens"] == 8
+    assert [r["side"] for r in res["runs"]] == ["app", "cli"]
+    app_run, cli_run = res["runs"]
+    assert app_run["tokens"] == cli_run["tokens"] > 0 and app_run["updates"] >= 2 and app_run["sent_chars"] > 0
+    assert res["ratio"] == pytest.approx(res["app_tokens_per_s"] / res["cli_tokens_per_s"])
+    assert any(line.startswith("app ") and "app / CLI" in line for line in lines)
 
 
 def test_entry_point_flags():

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,13 +35,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def drafts_dir():
+    """Drafts trained by the test go here (HASS_APP_DRAFTS), never into the user's cache."""
+    d = Path(tempfile.mkdtemp(prefix="hass-e2e-drafts-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, drafts_dir):
     port = _free_port()
     log = tmp_path_factory.mktemp("e2e") / "app.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               HASS_APP_DRAFTS=str(drafts_dir))
+    env.pop("HASS_DRAFT", None)
+    # the default draft: the shipped HASS draft, so the chat shows real accepted draft tokens
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=fh,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--draft", "default"], cwd=ROOT,
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     t0 = time.time()
     try:
@@ -114,12 +127,13 @@ def _wait_text(pg, selector: str, pattern: str, timeout: float = 90) -> str:
     raise AssertionError(f"{selector} never matched {pattern!r} (last: {text[:300]!r})")
 
 
-def test_studio_in_a_browser(page):
+def test_studio_in_a_browser(page, drafts_dir):
     pg = page
     SHOTS.mkdir(parents=True, exist_ok=True)
+    assert "smollm2-135m-hass" in pg.locator("#hs-title").inner_text(), "the studio should start with the shipped draft"
     # fewer tokens per answer keeps the test short
     pg.locator("#hs-settings").get_by_text("Settings").first.click()
-    pg.locator("#hs-max-new input").fill("32")
+    pg.locator("#hs-max-new input").fill("64")
     pg.locator("#hs-max-new input").press("Tab")
     pg.locator("#hs-settings").get_by_text("Settings").first.click()
 
@@ -131,17 +145,34 @@ def test_studio_in_a_browser(page):
     _wait_text(pg, "#hs-status", r"done \(", timeout=150)
     n_tokens = pg.locator("#hs-chat-box .hs-tok").count()
     assert n_tokens >= 4
+    # the shipped draft's guesses were accepted: spans coloured as draft tokens, with their hover text
+    assert pg.locator("#hs-chat-box .hs-tok[title*='draft depth']").count() >= 2
     assert pg.locator("#hs-tree .scatterlayer .trace").count() >= 2
     assert "τ" in pg.locator("#hs-stats").inner_text()
-    pg.wait_for_timeout(500)
-    pg.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
 
-    # -- the step slider replays step 1 -------------------------------------------------------
+    # -- the step slider replays step 1, then the step with the deepest accepted guess -----------
     box = pg.locator("#hs-step input[type=number]")
     box.fill("1")
     box.press("Tab")
     _wait_text(pg, "#hs-replay", r"step 1: ")
     _wait_title(pg, "hs-tree", r"^Step 1:|step 1 is")
+    best = pg.evaluate("""() => {
+        let best = null, depth = 0;
+        for (const s of document.querySelectorAll('#hs-chat-box .hs-tok[title*="draft depth"]')) {
+            const m = s.title.match(/step (\\d+) · draft depth (\\d+)/);
+            if (m && +m[2] >= depth) { depth = +m[2]; best = +m[1]; }
+        }
+        return best;
+    }""")
+    assert best is not None, "no accepted draft token carries its step and depth in the hover text"
+    if best != 1:
+        box.fill(str(best))
+        box.press("Tab")
+    _wait_text(pg, "#hs-replay", rf"step {best}: speculative")
+    _wait_title(pg, "hs-tree", rf"^Step {best}: [1-9]\d* accepted")
+    assert pg.locator("#hs-tree .scatterlayer .trace").count() >= 3
+    pg.wait_for_timeout(500)
+    pg.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
 
     # highlighting off and on
     pg.locator("#hs-highlight input").uncheck()
@@ -153,9 +184,9 @@ def test_studio_in_a_browser(page):
     pg.get_by_role("tab", name="Race / A-B").click()
     pg.locator("#hs-race-prompt textarea").fill("Name three rivers in Europe.")
     pg.locator("#hs-race").click()
-    _wait_text(pg, "#hs-race-status", r"over plain", timeout=150)
+    _wait_text(pg, "#hs-race-status", r"(faster|slower) than plain", timeout=150)
     title = _wait_title(pg, "hs-race-speed", r"×")
-    assert "plain" in title
+    assert "plain" in title and re.search(r"(faster|slower) than plain", title)
     assert pg.locator("#hs-race-right .hs-tok").count() > 0
     pg.wait_for_timeout(500)
     pg.screenshot(path=str(SHOTS / "race.png"), full_page=True)
@@ -172,10 +203,11 @@ def test_studio_in_a_browser(page):
     pg.locator("#hs-train-steps input").fill("200")
     pg.locator("#hs-train-start").click()
     _wait_text(pg, "#hs-train-status", r"started|training")
-    _wait_title(pg, "hs-train-plot", r"Training · step ([3-9]|\d\d+)", timeout=150)
+    _wait_title(pg, "hs-train-plot", r"Training · step ([1-9]\d+)", timeout=240)       # 10 steps: a curve
     assert "%" in pg.locator("#hs-train-progress").inner_text()
     pg.wait_for_timeout(1500)
     pg.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     pg.locator("#hs-train-cancel").click()
     _wait_text(pg, "#hs-train-status", r"cancelled", timeout=120)
+    assert list(drafts_dir.glob("draft-*/model.safetensors")), "the cancelled run's draft should be in HASS_APP_DRAFTS"
     assert not pg.errors, "browser console errors:\n" + "\n".join(pg.errors)

@@ -319,6 +319,18 @@ def test_speedup_title_has_the_hand_computed_ratio():
     assert h.x[-1] == pytest.approx(0.5) and h.y[-1] == 8 and list(h.y) == [0, 1, 4, 8]
     assert trace(fig, "plain").x[-1] == pytest.approx(0.8)
     assert trace(fig, "HASS").line.color == C.HASS and trace(fig, "plain").line.color == C.PLAIN
+    assert "slower" not in fig.layout.title.text
+
+
+def test_speedup_title_says_slower_below_one():
+    spec, _ = race()
+    # plain: 8 tokens in 0.4 s = 20 tok/s; HASS 16 tok/s -> 0.80x, plain 1.25x faster
+    fast_plain = [plain_step(i, seconds=0.05, kind="prefill" if i == 0 else "plain") for i in range(8)]
+    title = speedup_figure({"HASS": spec, "plain": fast_plain}).layout.title.text
+    assert "0.80×" in title and "slower than plain" in title and "plain is 1.25× faster" in title, title
+    assert "HASS 0.80× faster" not in title
+    two = speedup_figure({"HASS": spec, "EAGLE-2": race()[0][:2], "plain": fast_plain}).layout.title.text
+    assert "HASS 0.80× (slower)" in two, two
 
 
 def test_depth_acceptance_equals_summarize():
@@ -335,6 +347,9 @@ def test_depth_acceptance_equals_summarize():
     assert list(two.data[0].y) == want.per_depth_acceptance
     assert list(two.data[1].y) == summarize(other).per_depth_acceptance
     assert two.data[0].marker.color != two.data[1].marker.color
+    # a race's plain series has no depths: no empty bar series for it in the legend
+    with_plain = depth_acceptance_figure({"plain": [plain_step(i) for i in range(3)], "HASS": steps})
+    assert [tr.name.split(" (")[0] for tr in with_plain.data] == ["HASS"]
 
 
 def test_time_split_and_accept_length():
@@ -357,6 +372,13 @@ def test_training_and_batch():
     loss1 = [t for t in fig.data if t.name == "pass 1" and t.yaxis == "y"][0]
     assert list(loss1.x) == [1, 2, 3] and list(loss1.y) == [5.0, 2.5, 5.0 / 3]
     assert "100 tok/s" in fig.layout.title.text
+    # passes differ in colour and in dash (neighbouring blues are close), each pass alike in both panels
+    style = {(t.name, t.yaxis): (t.line.color, t.line.dash) for t in fig.data}
+    assert style[("pass 1", "y")] == style[("pass 1", "y2")] != style[("pass 2", "y")] == style[("pass 2", "y2")]
+    assert style[("pass 1", "y")][1] != style[("pass 2", "y")][1]
+    assert fig.layout.xaxis.dtick == fig.layout.xaxis2.dtick == 1                 # whole steps, no 1.5
+    long = training_figure([{"step": s, "loss_1": 1.0, "acc_1": 0.5} for s in range(1, 201)])
+    assert long.layout.xaxis2.dtick == 50
     hm = batch_heatmap([[1, 2, 3], [4]])
     assert [list(r) for r in hm.data[0].z] == [[1, 2, 3], [4, None, None]]
 

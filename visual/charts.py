@@ -26,10 +26,12 @@ def depth_acceptance_figure(series: Mapping[str, Summary | list[Step]], title: s
     """Bars of P(accepted at depth d | reached depth d-1), one series per draft.
 
     A single series is coloured by depth (the chat's colours); compared drafts get their
-    series colours. Hover shows accepted / reached counts.
+    series colours. Series without speculative steps (plain decoding) are left out. Hover
+    shows accepted / reached counts.
     """
     sums = {name: _summary(v) for name, v in series.items()}
-    if not any(s.reached_per_depth for s in sums.values()):
+    sums = {name: s for name, s in sums.items() if s.reached_per_depth}    # plain decoding has no depths
+    if not sums:
         return empty_figure("no speculative steps yet", title or "Acceptance by depth", uirevision=uirevision)
     colors = series_colors(list(sums))
     fig = go.Figure()
@@ -77,7 +79,8 @@ def speedups(races: Mapping[str, list[Step]]) -> dict[str, float]:
 
 
 def speedup_title(races: Mapping[str, list[Step]]) -> str:
-    """'HASS 2.31× faster than plain (45.1 vs 19.5 tok/s)' - the live headline of a race."""
+    """'HASS 2.31× faster than plain (45.1 vs 19.5 tok/s)' - the live headline of a race; a
+    ratio below 1 says 'slower than plain: plain is 1.25× faster'."""
     tps = {name: summarize(list(steps)).tokens_per_s for name, steps in races.items()}
     ratios = speedups(races)
     base = plain_key(races)
@@ -85,8 +88,18 @@ def speedup_title(races: Mapping[str, list[Step]]) -> str:
         return "Tokens over time · " + " · ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items())
     if len(ratios) == 1:
         (name, r), = ratios.items()
-        return f"{name} {r:.2f}× faster than {base} ({tps[name]:.1f} vs {tps[base]:.1f} tok/s)"
-    return f"Speedup vs {base}: " + " · ".join(f"{n} {r:.2f}×" for n, r in ratios.items())
+        return f"{name} {r:.2f}× {_verdict(r, base)} ({tps[name]:.1f} vs {tps[base]:.1f} tok/s)"
+    return f"Speedup vs {base}: " + " · ".join(f"{n} {r:.2f}× ({'faster' if r >= 1 else 'slower'})"
+                                                for n, r in ratios.items())
+
+
+def _verdict(ratio: float, base: str) -> str:
+    """'faster than plain' or, honestly, 'slower than plain: plain is 1.25× faster'."""
+    if ratio >= 1:
+        return f"faster than {base}"
+    if ratio <= 0:
+        return f"slower than {base}"
+    return f"slower than {base}: {base} is {1 / ratio:.2f}× faster"
 
 
 def speedup_figure(races: Mapping[str, list[Step]], title: str | None = None, *,
@@ -174,6 +187,19 @@ def accept_length_figure(steps: list[Step], title: str | None = None, *,
     return apply_theme(fig, title or f"Tokens per step · τ = {tau:.2f}", PANEL_HEIGHT, uirevision)
 
 
+PASS_DASHES = ("solid", "dash", "dot", "dashdot")
+
+
+def _step_dtick(span: float, ticks: int = 8) -> int:
+    """A whole-number tick spacing (1, 2, 5, 10, 20, 50, ...) giving at most about `ticks` ticks."""
+    base = 1
+    while True:
+        for m in (1, 2, 5):
+            if span / (base * m) <= ticks:
+                return base * m
+        base *= 10
+
+
 def training_figure(metrics: list[dict], title: str | None = None, *, uirevision: str = "hass-train") -> go.Figure:
     """Loss (top) and top-1 accuracy (bottom) per alignment pass over training steps, from
     the metrics dicts of `hass.train` (keys step, loss_j, acc_j, tokens_per_s)."""
@@ -186,13 +212,14 @@ def training_figure(metrics: list[dict], title: str | None = None, *, uirevision
                         subplot_titles=("loss per alignment pass", "top-1 accuracy per alignment pass"))
     for j in passes:
         color = depth_color(j)
+        dash = PASS_DASHES[(j - 1) % len(PASS_DASHES)]      # neighbouring blues differ little: dashes tell them apart
         for r, key in ((1, f"loss_{j}"), (2, f"acc_{j}")):
             pts = [(m["step"], m[key], m.get("tokens_per_s")) for m in rows if key in m]
             if not pts:
                 continue
             fig.add_trace(go.Scatter(
                 x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=f"pass {j}",
-                legendgroup=f"pass {j}", showlegend=r == 1, line={"color": color, "width": 2},
+                legendgroup=f"pass {j}", showlegend=r == 1, line={"color": color, "width": 2, "dash": dash},
                 customdata=[p[2] if p[2] is not None else float("nan") for p in pts],
                 hovertemplate=(f"pass {j} · step %{{x}}<br>{key.split('_')[0]} %{{y:.4f}}"
                                "<br>%{customdata:.0f} tok/s<extra></extra>"),
@@ -200,6 +227,7 @@ def training_figure(metrics: list[dict], title: str | None = None, *, uirevision
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=2, col=1)
     fig.update_xaxes(title_text="training step", row=2, col=1)
+    fig.update_xaxes(dtick=_step_dtick(rows[-1]["step"] - rows[0]["step"]))     # whole steps, never 1.5
     last = rows[-1]
     head = f"Training · step {last['step']}"
     if f"loss_{passes[0]}" in last:

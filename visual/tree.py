@@ -21,6 +21,8 @@ ROOT, ACCEPTED, REJECTED_ROLE, UNREACHED_ROLE = "root", "accepted", "rejected", 
 TRACE_NAMES = {ROOT: "root (last token)", ACCEPTED: "accepted draft", REJECTED_ROLE: "first rejected",
                UNREACHED_ROLE: "unreached", "bonus": "target bonus"}
 LABEL_CHARS = 9
+# a white halo around node labels, so edges fanning out of a node never hide its token
+LABEL_HALO = "1px 1px 1px #FFFFFF, -1px -1px 1px #FFFFFF, 1px -1px 1px #FFFFFF, -1px 1px 1px #FFFFFF"
 
 
 def check_tree(tree: DraftTree) -> None:
@@ -234,7 +236,8 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
         fig.add_trace(go.Scatter(
             x=[pos[i][0] for i in idx], y=[pos[i][1] for i in idx], mode="markers+text", name=TRACE_NAMES[role],
             customdata=idx, text=[label(token_texts[i], LABEL_CHARS) for i in idx], textposition="middle right",
-            textfont={"size": 10, "color": text_col}, hovertext=[hover(i) for i in idx], hoverinfo="text",
+            textfont={"size": 10, "color": text_col, "shadow": LABEL_HALO}, hovertext=[hover(i) for i in idx],
+            hoverinfo="text",
             marker={"symbol": symbol, "color": [fill(i) for i in idx],
                     "size": [13 if role == ROOT else 7 + 13 * max(0.0, min(1.0, tree.prob[i])) for i in idx],
                     "line": {"width": 1, "color": line}},
@@ -249,7 +252,8 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
                f"the target's own token: {why}<br>target p {_fmt(p_bonus)}")
         fig.add_trace(go.Scatter(
             x=[pos[n][0]], y=[pos[n][1]], mode="markers+text", name=TRACE_NAMES["bonus"], customdata=[n],
-            text=[label(text, LABEL_CHARS)], textposition="middle right", textfont={"size": 10, "color": INK},
+            text=[label(text, LABEL_CHARS)], textposition="middle right",
+            textfont={"size": 10, "color": INK, "shadow": LABEL_HALO},
             hovertext=[hov], hoverinfo="text",
             marker={"symbol": "star", "size": 17, "color": [BONUS], "line": {"width": 1, "color": MARKER_LINE}},
         ))
