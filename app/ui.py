@@ -10,6 +10,7 @@ from hass.evalsets import SETS, load_set
 from visual import HIGHLIGHT_CSS, legend_html
 from visual.theme import empty_figure
 
+from . import batch as batch_view
 from . import chat, training
 from .studio import DRAFT_CHOICES, Session, Studio
 from .training import TrainingManager
@@ -65,7 +66,8 @@ its own earlier features, as it does while drafting several tokens ahead).
   evaluation also shows the mean over prompts (macro), as the paper reports.
 - **Per-depth acceptance**: P(the token at depth d is accepted | the path reached depth d-1).
 - **Speedup**: plain decoding time / speculative time for the same prompt and the same new
-  tokens, measured in the same process after a warm-up (the *Race* tab). During a normal
+  tokens, measured in the same process after a warm-up, the two decoders taking turns step by
+  step so both see the same machine conditions (the *Race* tab). During a normal
   chat the speed panel shows tokens over time of that answer alone.
 - **Time split**: where each step's time goes: drafting (the tree), verifying (the target
   forward) and other bookkeeping.
@@ -126,13 +128,16 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                         with gr.Accordion("Settings", open=False, elem_id="hs-settings"):
                             with gr.Row():
                                 model_spec = gr.Textbox(studio.model_spec, label="Model (default, a folder, a .gguf "
-                                                        "file or a hub id; shared by all users)", scale=4)
-                                model_btn = gr.Button("Load model", scale=1)
+                                                        "file or a hub id; shared by all users)", scale=4,
+                                                        elem_id="hs-model")
+                                model_btn = gr.Button("Load model", scale=1, elem_id="hs-model-load")
                             with gr.Row():
-                                draft_choice = gr.Dropdown(list(DRAFT_CHOICES), value=None, label="Draft", scale=2)
-                                draft_path = gr.Textbox("", label="Draft folder (for 'path')", scale=3)
-                                draft_btn = gr.Button("Use draft", scale=1)
-                            settings_status = gr.Markdown(f"draft: **{draft_label}**")
+                                draft_choice = gr.Dropdown(list(DRAFT_CHOICES), value=None, label="Draft", scale=2,
+                                                           elem_id="hs-draft")
+                                draft_path = gr.Textbox("", label="Draft folder (for 'path')", scale=3,
+                                                        elem_id="hs-draft-path")
+                                draft_btn = gr.Button("Use draft", scale=1, elem_id="hs-draft-use")
+                            settings_status = gr.Markdown(f"draft: **{draft_label}**", elem_id="hs-settings-status")
                             with gr.Row():
                                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
                                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
@@ -164,16 +169,23 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
 
             # ---------------------------------------------------------------- race / A-B
             with gr.Tab("Race / A-B", id="race"):
-                gr.Markdown("The same prompt decoded by **plain** decoding and by **HASS**, one after the other "
-                            "(after a short warm-up), with the measured speedup. **A/B** compares the shipped HASS "
-                            "and EAGLE-2 drafts. Uses the chat's settings and draft; an empty prompt reuses the "
-                            "chat's last message.")
-                with gr.Row():
-                    race_prompt = gr.Textbox(placeholder="Prompt for the race…", show_label=False, scale=5,
+                gr.Markdown("The same prompt decoded by **plain** decoding and by **HASS** at the same time: after "
+                            "a short warm-up the two decoders take turns step by step (the next step goes to the "
+                            "side that has used less decoding time), so both run under the same machine conditions "
+                            "and each side's progress on screen is its speed. The speedup is plain time / HASS "
+                            "time for the same new tokens. **A/B** races the shipped HASS draft against another "
+                            "draft and compares their acceptance by depth. Uses the chat's settings and draft; an "
+                            "empty prompt reuses the chat's last message.")
+                with gr.Row(equal_height=True):
+                    race_prompt = gr.Textbox(placeholder="Prompt for the race…", show_label=False, scale=4,
                                              elem_id="hs-race-prompt")
-                    race_btn = gr.Button("Race plain vs HASS", variant="primary", scale=1, elem_id="hs-race")
-                    ab_btn = gr.Button("A/B: HASS vs EAGLE-2 draft", scale=1, elem_id="hs-ab")
-                    race_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="hs-race-stop")
+                    race_btn = gr.Button("Race plain vs HASS", variant="primary", scale=1, min_width=170,
+                                         elem_id="hs-race")
+                    ab_other = gr.Dropdown(list(chat.AB_CHOICES), value=chat.AB_CHOICES[0],
+                                           label="A/B: shipped HASS draft against", scale=1, min_width=230,
+                                           elem_id="hs-ab-other")
+                    ab_btn = gr.Button("Run A/B", scale=0, min_width=110, elem_id="hs-ab")
+                    race_stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="hs-race-stop")
                 race_status = gr.Markdown("", elem_id="hs-race-status")
                 with gr.Row(equal_height=False):
                     left = gr.HTML("", elem_id="hs-race-left")
@@ -216,6 +228,9 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                 timer = gr.Timer(1.0, active=False)
                 seen = gr.State(-1)
 
+            with gr.Tab("Batch", id="batch"):
+                batch_view.build(studio, state, {"concurrency_limit": 1, "concurrency_id": DECODE})
+
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT)
                 gr.HTML(legend_html(include_series=True))
@@ -250,7 +265,8 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
         race_out = [left, right, race_speed, race_depth, race_status]
         ev_race = race_btn.click(partial(chat.race, studio), race_in, race_out, show_progress="hidden", api_name="race",
                                  **dec)
-        ev_ab = ab_btn.click(partial(chat.ab, studio), race_in, race_out, show_progress="hidden", api_name="ab", **dec)
+        ev_ab = ab_btn.click(partial(chat.ab, studio), [*race_in, ab_other], race_out, show_progress="hidden",
+                             api_name="ab", **dec)
         race_stop.click(lambda s: (studio.stop(s), "stopped")[1] if s else "stopped", [state], race_status,
                         cancels=[ev_race, ev_ab], concurrency_limit=None, api_name="race_stop")
 
@@ -265,8 +281,9 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                            api_name="train_cancel")
         use_btn.click(partial(training.use_draft, studio, manager), [state], [state, train_status],
                       concurrency_limit=None, api_name="use_draft")
-        demo.load(lambda: gr.Timer(active=manager.job is not None and manager.job.running), None, timer,
-                  api_visibility="private")
+        # a new visitor sees the current (or last) run at once, and follows it while it runs
+        demo.load(partial(training.poll, manager), [state, seen], [progress, train_plot, train_status, timer, seen],
+                  api_visibility="private", show_progress="hidden")
         eval_btn.click(partial(training.eval_tau, studio, manager), [eval_q], eval_out, api_name="eval_tau", **dec)
     return demo
 

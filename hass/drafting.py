@@ -32,7 +32,8 @@ class Drafter:
 
     def __init__(self, draft: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module):
         self.draft, self.embed = draft, embed
-        self.head = OutputHead(lm_head, draft.token_map, dtype=draft.fc.weight.dtype)
+        params = next(iter(draft.parameters()), None)         # the draft's precision (test doubles may have none)
+        self.head = OutputHead(lm_head, draft.token_map, dtype=None if params is None else params.dtype)
         self.kv: KV | None = None
         self.last_out: torch.Tensor | None = None     # [1, 1, H]: the draft's guess of f at the root
 
