@@ -1,4 +1,4 @@
-"""The Blocks layout: Chat, Race / A-B, Train and About tabs, wired to the handlers."""
+"""The Blocks layout: Chat, Race / A-B, Batch, Train and About tabs, wired to the handlers."""
 from __future__ import annotations
 
 from functools import partial
