@@ -119,10 +119,11 @@ def tune(target: Target, draft: DraftHead, prompts: list[list[int]], max_new_tok
     """Record, estimate, then measure the finalists against plain decoding side by side."""
     prefix = int(statistics.mean(len(p) for p in prompts)) + max_new_tokens // 2
     log.info("timing verify forwards and the drafter at a %d-token context", prefix)
-    vs = verify_costs(target, prefix, list(sizes))
+    # one plain step is a verify forward over one token: timed the same way, in the same loop,
+    # so the estimate compares like with like (a whole plain run would add prefill and load noise)
+    vs = verify_costs(target, prefix, sorted({1, *sizes}))
+    plain_step = vs.pop(1)
     ds = draft_costs(target, draft, prefix, list(range(1, max_depth + 1)), list(top_ks))
-    plain_s, plain_tokens = measure(target, None, prompts, None, max_new_tokens)
-    plain_step = plain_s / max(plain_tokens, 1)
     steps_by_k = {}
     for k in top_ks:
         log.info("recording trees with top_k=%d", k)
@@ -132,8 +133,12 @@ def tune(target: Target, draft: DraftHead, prompts: list[list[int]], max_new_tok
     ranked = estimate(steps_by_k, vs, ds, plain_step, other)
     results = []
     for cand in ranked[:finalists]:
-        p_s, p_tok = measure(target, None, prompts, None, max_new_tokens)          # interleaved: A B A B
-        s_s, s_tok = measure(target, draft, prompts, cand.tree, max_new_tokens)
+        p_s = p_tok = s_s = s_tok = 0
+        for ids in prompts:                                    # interleaved per prompt: A B A B
+            t, n = measure(target, None, [ids], None, max_new_tokens)
+            p_s, p_tok = p_s + t, p_tok + n
+            t, n = measure(target, draft, [ids], cand.tree, max_new_tokens)
+            s_s, s_tok = s_s + t, s_tok + n
         results.append({"tree": [cand.tree.total_tokens, cand.tree.depth, cand.tree.top_k],
                         "estimated_tau": cand.tau, "estimated_speedup": cand.speedup,
                         "measured_speedup": (s_tok / s_s) / (p_tok / p_s)})
