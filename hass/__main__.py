@@ -256,7 +256,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import bench
-    from .assets import resolve_draft
+    from .assets import resolve_draft, shipped_draft
     from .evalsets import load_set
     from .target import load_target
 
@@ -269,12 +269,17 @@ def cmd_bench(args) -> int:
         raise ValueError("--draft takes NAME=DIR")
     runners: dict = {}
     trees: dict = {}
+    shared_tree = None
+    shipped = shipped_draft(target, "hass")
+    shipped_label = shipped.name if shipped else "random"
     for name in names + list(extra):
         if name == "plain":
             runners[name] = bench.plain_runner(target)
         elif name in ("hass", "eagle2") or name in extra:
             draft, label = resolve_draft(extra.get(name, name), target)
-            tree = _tree(args, target, label)
+            if shared_tree is None:     # one tree for every draft (the default draft's profile), so tau compares like for like
+                shared_tree = _tree(args, target, shipped_label)
+            tree = shared_tree
             trees[name] = [tree.total_tokens, tree.depth, tree.top_k]
             runners[name] = bench.draft_runner(target, draft, tree)
         elif name in ("hf-generate", "hf-prompt-lookup"):
