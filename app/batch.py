@@ -21,7 +21,7 @@ from hass.events import Step, summarize
 from visual import batch_heatmap, speedup_figure
 from visual.theme import empty_figure
 
-from .studio import Session, SettingsError, Studio, make_config
+from .studio import Session, SettingsError, Studio, drain_queue, make_config
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,7 @@ class BatchJob:
             self.done.set()
 
     def drain(self, wait: float) -> list[tuple]:
-        out = []
-        try:
-            out.append(self.q.get(timeout=wait))
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                return out
-
-
-_JOBS: dict[str, BatchJob] = {}
-_JOBS_LOCK = threading.Lock()
+        return drain_queue(self.q, wait)
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -206,11 +193,11 @@ def run(studio: Studio, session: Session, prompts_text: str, batch_size, methods
         yield (f"**Cannot run:** {exc}", *empty, gr.update())
         return
     sid = session.sid if session else "anonymous"
-    with _JOBS_LOCK:
-        old = _JOBS.pop(sid, None)
+    with studio._lock:                       # one batch run per session; a new one stops the old
+        old = studio.batch_jobs.pop(sid, None)
         if old is not None:
             old.stop.set()
-        _JOBS[sid] = job
+        studio.batch_jobs[sid] = job
     job.start()
     runs: dict[str, MethodRun] = {}
     decode = studio.target.decode
@@ -238,9 +225,9 @@ def run(studio: Studio, session: Session, prompts_text: str, batch_size, methods
         yield _outputs(runs, methods, prompts, decode, heat_method, note)
     finally:
         job.stop.set()
-        with _JOBS_LOCK:
-            if _JOBS.get(sid) is job:
-                del _JOBS[sid]
+        with studio._lock:
+            if studio.batch_jobs.get(sid) is job:
+                del studio.batch_jobs[sid]
 
 
 def _outputs(runs, methods, prompts, decode, heat_method, note):
@@ -251,9 +238,9 @@ def _outputs(runs, methods, prompts, decode, heat_method, note):
     return (_status(runs, methods, note), fig, _throughput_figure(runs), _table(prompts, runs, decode))
 
 
-def stop(session: Session) -> str:
-    with _JOBS_LOCK:
-        job = _JOBS.pop(session.sid if session else "anonymous", None)
+def stop(studio: Studio, session: Session) -> str:
+    with studio._lock:
+        job = studio.batch_jobs.pop(session.sid if session else "anonymous", None)
     if job is None:
         return "nothing running"
     job.stop.set()
@@ -297,7 +284,7 @@ def build(studio: Studio, state: gr.State, dec: dict) -> None:
     ev = go.click(partial(run, studio), [state, prompts, batch_size, methods, max_new, temperature, total, depth, topk,
                                          heat_method],
                   [status, heat, speed, table], show_progress="hidden", api_name="batch", **dec)
-    halt.click(stop, [state], status, cancels=[ev], concurrency_limit=None, api_name="batch_stop")
+    halt.click(partial(stop, studio), [state], status, cancels=[ev], concurrency_limit=None, api_name="batch_stop")
 
 
 __all__ = ["build", "run", "stop", "parse_prompts", "default_prompts", "BatchJob", "MethodRun"]

@@ -149,6 +149,20 @@ def make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, 
 
 
 # -- decoding in a background thread --------------------------------------------------------------
+def drain_queue(q: queue.SimpleQueue, wait: float) -> list:
+    """Everything in `q` now; waits up to `wait` s for the first item."""
+    out = []
+    try:
+        out.append(q.get(timeout=wait))
+    except queue.Empty:
+        return out
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class DecodeRun:
     """Runs step generators in a thread and hands their steps over through a queue, so the
     UI's work (HTML, plots) never sits inside the decoder's timed sections. `stop` ends it
@@ -215,16 +229,7 @@ class DecodeRun:
 
     def drain(self, wait: float = 0.1) -> list[tuple[str, Step]]:
         """Everything produced so far; waits up to `wait` s for the first item."""
-        out = []
-        try:
-            out.append(self.q.get(timeout=wait))
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                return out
+        return drain_queue(self.q, wait)
 
     @property
     def finished(self) -> bool:
@@ -247,6 +252,7 @@ class Studio:
         self._drafts: dict[tuple[int, str], tuple[object, str]] = {}
         self._lock = threading.RLock()
         self._runs: dict[str, DecodeRun] = {}
+        self.batch_jobs: dict[str, object] = {}      # the Batch tab's run per session (app/batch.py), under _lock
         self.training = training
         self.tree_defaults, self.tree_source = self._tree_defaults()
 
