@@ -37,11 +37,13 @@ def heldout_accuracy(draft: DraftHead, target: Target, data_dir: str, align_step
     for start in range(0, n, batch_size):
         batch = collate([ds[i] for i in range(start, min(n, start + batch_size))], ds.pad_id)
         ids = batch["input_ids"].to(dev)
-        feats = batch["features"].to(dev, dt)
+        stored = batch["features"].to(dev)
+        feats = stored.to(dt)                   # the draft's precision (bf16 on some CPUs)
         valid = batch["attention_mask"].bool().to(dev)[:, 1:]
         mask = batch["loss_mask"].bool().to(dev)[:, 1:] & valid
         emb = target.embed_tokens(ids[:, 1:]).to(dt)
-        f_in, want = feats[:, :-1], target.lm_head(feats[:, 1:][mask]).argmax(-1)
+        f_in = feats[:, :-1]
+        want = target.lm_head(stored[:, 1:][mask].to(target.dtype)).argmax(-1)   # the target's own choice
         pos = torch.arange(f_in.shape[1], device=dev)[None].expand(ids.shape[0], -1)
         levels = [f_in]
         for j in range(align_steps):

@@ -129,3 +129,20 @@ def test_sigterm_stops_with_a_checkpoint(data_dir, tiny_folder, tmp_path):
     step = torch.load(out / STATE_FILE, weights_only=True)["step"]
     assert step >= 10
     load_draft(out, load_target(str(tiny_folder)).config)
+
+
+def test_heldout_accuracy_per_pass_in_fp32_and_bf16(data_dir, tiny_folder, tmp_path):
+    """The evaluation every card quotes: accuracy per alignment pass, in [0, 1], over the
+    loss tokens; a bf16 draft (as `resolve_draft` gives on CPUs with native bf16) runs
+    against the fp32 target (it used to fail on the dtype mismatch) and scores like its
+    fp32 self."""
+    from hass.evaluate import heldout_accuracy
+    target = load_target(str(tiny_folder))
+    draft = new_draft(target.config, seed=3)
+    ref = heldout_accuracy(draft, target, str(data_dir), align_steps=2)
+    assert ref["dialogues"] > 0
+    assert ref["tokens"] > 0 and len(ref["accuracy_per_pass"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in ref["accuracy_per_pass"])
+    low = heldout_accuracy(new_draft(target.config, seed=3).to(torch.bfloat16), target, str(data_dir), align_steps=2)
+    assert low["tokens"] == ref["tokens"]
+    assert low["accuracy_per_pass"][0] == pytest.approx(ref["accuracy_per_pass"][0], abs=0.1)
