@@ -47,7 +47,7 @@ benchmarks: setup
 	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)"
 	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
-.PHONY: benchmarks prepare drafts draft-hass draft-eagle2 eval-drafts
+.PHONY: benchmarks curve prepare drafts draft-hass draft-eagle2 eval-drafts
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)
@@ -55,7 +55,11 @@ prepare: setup
 
 draft-hass: setup
 	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass \
-		--align-steps 3 --topk-weight 1.0 --epochs $(EPOCHS) $(TRAIN_FLAGS) $(RESUME)
+		--align-steps 3 --topk-weight 1.0 --epochs $(EPOCHS) $(TRAIN_FLAGS) --snapshots $(RESUME)
+
+# tau of every HASS snapshot (docs/TRAINING.md's table; snapshot steps follow the checkpoint clock)
+curve: setup
+	$(BIN)/python -m hass curve --run $(RUNS)/smollm2-135m-hass --questions 5 --max-new-tokens 96
 
 draft-eagle2: setup
 	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-eagle2 \
