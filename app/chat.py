@@ -220,6 +220,14 @@ class Throttle:
     def figures_due(self, now: float) -> bool:
         return now - self.last_fig >= max(self.figure_every, self.fig_cost / max(self.share / 2, 1e-9))
 
+    def take(self, now: float) -> bool | None:
+        """None when no update is due now; else the text update is taken (its clock starts
+        again) and the answer says whether the figures come with it."""
+        if not self.text_due(now):
+            return None
+        self.last_text = now
+        return self.figures_due(now)
+
     def spent(self, start: float, end: float, figures: bool) -> None:
         if figures:
             self.fig_ui += end - start
@@ -249,11 +257,10 @@ def _stream(studio: Studio, session: Session, turn: Turn, gen, highlight: bool, 
             turn.wall_s = time.perf_counter() - t0
             pending = pending or bool(got)
             now = time.perf_counter()
-            if not pending or not th.text_due(now):
+            with_figs = th.take(now) if pending else None
+            if with_figs is None:
                 continue
             pending = False
-            th.last_text = now
-            with_figs = th.figures_due(now)
             if with_figs:
                 figs = live_figures(studio, session, turn)
                 stats = stats_markdown(turn.steps, turn.wall_s, turn.mode)
@@ -490,11 +497,10 @@ def _race_stream(studio: Studio, session: Session, warmup, racers, highlight: bo
                 if st.stop_reason:
                     finished.add(name)
             now = time.perf_counter()
-            if not pending or not th.text_due(now):
+            with_figs = th.take(now) if pending else None
+            if with_figs is None:
                 continue
             pending = False
-            th.last_text = now
-            with_figs = th.figures_due(now)
             figs = ((speedup_figure(steps), depth_acceptance_figure(steps, depth_title)) if with_figs
                     else (gr.skip(), gr.skip()))
             status = "racing (interleaved step by step): " + " · ".join(
