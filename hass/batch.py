@@ -200,6 +200,12 @@ def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict, logits: torch.Te
                           {"draft": 0.0, "verify": 0.0, "other": 0.0}, logits.argmax(-1).tolist())
 
 
+def _grow(drafter, samples, live: list[int], cfg: GenerationConfig, max_length: int) -> dict:
+    """One cycle's draft trees for the live samples (each at its own position and depth)."""
+    return drafter.grow([GrowItem(r, samples[r].root, samples[r].n, samples[r].depth(cfg, max_length))
+                         for r in live], cfg.tree)
+
+
 def _share(steps: dict[int, Step], draft: float, verify: float, other: float) -> None:
     """Split a cycle's time equally among the samples live in it (see the module docstring)."""
     k = max(len(steps), 1)
@@ -258,8 +264,7 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
             return
         cycle += 1
         t_start = time.perf_counter()
-        trees = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, samples[r].depth(cfg, target.max_length))
-                              for r in live], cfg.tree)
+        trees = _grow(drafter, samples, live, cfg, target.max_length)
         t_draft = clock.lap()
         segs, start, ancs = [], 0, {}
         for r in live:
@@ -349,8 +354,7 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
             return
         cycle += 1
         t_start = time.perf_counter()
-        trees = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, samples[r].depth(cfg, target.max_length))
-                              for r in live], cfg.tree)
+        trees = _grow(drafter, samples, live, cfg, target.max_length)
         t_draft = clock.lap()
         N = max(int(trees[r].tokens.shape[0]) for r in live)
         inp = torch.full((B, N), PAD_ID, dtype=torch.long, device=dev)
