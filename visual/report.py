@@ -145,11 +145,11 @@ def _table(summary: dict) -> str:
             + body + "</tbody></table>")
 
 
-def report_html(bench: dict) -> str:
+def report_html(bench: dict, figs: dict[str, go.Figure] | None = None) -> str:
     """A self-contained page: settings, the summary table and every figure (plotly.js inlined
     once, so it opens offline)."""
     summary = {"sets": bench["sets"], "mean": bench["mean"]}
-    figs = figures(summary)
+    figs = figures(summary) if figs is None else figs
     settings = bench.get("settings", {})
     machine = bench.get("machine", {})
     meta = html.escape(json.dumps({"settings": settings, "machine": machine}, indent=1))
@@ -202,12 +202,13 @@ def write_report(bench_json: Path, html_out: Path | None = None, png_dir: Path |
     bench = json.loads(Path(bench_json).read_text())
     html_out = html_out or Path(bench_json).with_name("report.html")
     tmp = html_out.with_suffix(".tmp")
-    tmp.write_text(report_html(bench), encoding="utf-8")
+    figs = figures({"sets": bench["sets"], "mean": bench["mean"]})
+    tmp.write_text(report_html(bench, figs), encoding="utf-8")
     tmp.replace(html_out)
     written = [html_out]
     if png_dir:
         png_dir.mkdir(parents=True, exist_ok=True)
-        for name, fig in figures({"sets": bench["sets"], "mean": bench["mean"]}).items():
+        for name, fig in figs.items():
             path = png_dir / f"{name}.png"
             fig.write_image(str(path), width=900, height=REPORT_HEIGHT, scale=scale)   # needs kaleido
             written.append(path)
