@@ -31,7 +31,7 @@ class GrowingLayer(DynamicLayer):
     """A DynamicLayer that writes into a buffer with spare room instead of concatenating.
 
     `DynamicLayer.update` copies the whole cache on every forward (torch.cat); on a CPU that
-    copy and its allocation cost ~10% of a decode step. Here `keys`/`values` are views of a
+    copy and its allocation are a measurable part of a decode step. Here `keys`/`values` are views of a
     buffer that grows by doubling, so a step writes only its new slots. Crop and compaction
     keep working because they slice or write through those views.
     """
