@@ -267,7 +267,7 @@ class Studio:
         except Exception:          # noqa: BLE001 - only for the profile lookup
             label = "random"
         try:
-            return resolve_tree(None, None, None, self.target.device, self.target.name, label)
+            return resolve_tree(None, None, None, self.target.device, self.target.name, label, self.target.kernels)
         except ValueError:
             return TreeConfig(), "paper default"
 

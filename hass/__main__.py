@@ -19,6 +19,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto (CUDA bf16/fp16, else fp32) | fp32 | fp16 | bf16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
+    p.add_argument("--kernels", default="auto", choices=("auto", "stock", "onednn"),
+                   help="matmul kernels of the target's linear layers: auto (oneDNN with packed weights on a "
+                   "CPU, else stock) | stock (torch's default BLAS) | onednn")
+
+
+def _load_target(args):
+    """The target the command's model flags name (commands without a flag get its default)."""
+    from .target import load_target
+    return load_target(args.model, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"),
+                       trust_remote_code=getattr(args, "trust_remote_code", False),
+                       kernels=getattr(args, "kernels", "auto"))
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +42,7 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
 def _tree(args, target, draft_label: str):
     from .profile import resolve_tree
     tree, source = resolve_tree(args.total_tokens, args.depth, args.top_k, target.device, target.name,
-                                draft_label)
+                                draft_label, target.kernels)
     logging.getLogger("hass").info("tree %d/%d/%d (%s)", tree.total_tokens, tree.depth, tree.top_k, source)
     return tree
 
@@ -95,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     t.add_argument("--snapshots", action="store_true", help="keep every checkpoint (to chart tau against time)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the device computes bf16 natively, else fp32 "
+                   "(weights and optimizer stay fp32)")
 
     e = sub.add_parser("eval-draft", help="held-out accuracy per alignment pass and tau on the eval sets")
     _add_model_args(e)
@@ -202,7 +216,6 @@ def cmd_generate(args) -> int:
     from .assets import resolve_draft
     from .decode import GenerationConfig, plain_generate, speculative_generate
     from .events import summarize
-    from .target import load_target
     from .tree import TreeConfig
     from .verify import SamplingConfig
     from .stream import TextStream
@@ -214,7 +227,7 @@ def cmd_generate(args) -> int:
     if None not in (args.total_tokens, args.depth, args.top_k):
         TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
     messages = _read_messages(args)
-    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    target = _load_target(args)
     ids = target.render(messages)
     if args.mode == "hass":
         draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
@@ -258,11 +271,10 @@ def cmd_bench(args) -> int:
     from . import bench
     from .assets import resolve_draft, shipped_draft
     from .evalsets import load_set
-    from .target import load_target
 
     if args.max_new_tokens < 1 or args.limit < 1:
         raise ValueError("--max-new-tokens and --limit must be >= 1")
-    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    target = _load_target(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     extra = dict(d.split("=", 1) for d in args.draft if "=" in d)
     if len(extra) != len(args.draft):
@@ -309,6 +321,7 @@ def cmd_bench(args) -> int:
     report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
               "markdown": {t: bench.markdown_table(r["summary"], bandwidth) for t, r in results.items()},
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+                          "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -367,17 +380,16 @@ def cmd_tune(args) -> int:
     from .assets import resolve_draft
     from .evalsets import load_set
     from .profile import profile_path, save_profile
-    from .target import load_target
     from .tree import TreeConfig
     from .tune import tune
-    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
     prompts = [target.render([{"role": "user", "content": q.turns[0]}])
                for s in args.sets.split(",") if s for q in load_set(s, args.questions)]
     report = tune(target, draft, prompts, args.max_new_tokens, tuple(int(k) for k in args.top_ks.split(",")),
                   60, args.max_depth, tuple(int(n) for n in args.sizes.split(",")), args.finalists)
     best = TreeConfig(*report["best"]["tree"])
-    path = save_profile(profile_path(target.device, target.name, label), best, {"draft": label, **report})
+    path = save_profile(profile_path(target.device, target.name, label, target.kernels), best, {"draft": label, **report})
     if args.json:
         print(json.dumps({"profile": str(path), **report}))
     else:
@@ -391,15 +403,14 @@ def cmd_tune(args) -> int:
 def cmd_cost(args) -> int:
     from .cost import measure_costs, format_costs
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    report = measure_costs(args.model, args.device, args.dtype, sizes, args.prefix, args.repeats)
+    report = measure_costs(args.model, args.device, args.dtype, sizes, args.prefix, args.repeats, args.kernels)
     print(json.dumps(report, indent=2) if args.json else format_costs(report))
     return 0
 
 
 def cmd_prepare(args) -> int:
     from .data import load_dialogues, prepare, split
-    from .target import load_target
-    target = load_target(args.model, args.device)
+    target = _load_target(args)
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held
     summary = prepare(target, dialogues, args.out, max_len=args.max_len, limit=args.limit, store_topk=args.topk,
@@ -421,7 +432,7 @@ def cmd_train(args) -> int:
         lr=args.lr, warmup_frac=args.warmup, noise=args.noise, grad_clip_value=args.grad_clip,
         batch_size=args.batch_size, epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
         seed=args.seed, resume=args.resume, init=args.init, checkpoint_minutes=args.checkpoint_minutes,
-        draft_vocab=args.draft_vocab, snapshots=args.snapshots)
+        draft_vocab=args.draft_vocab, snapshots=args.snapshots, precision=args.precision)
     out = train(cfg, device=args.device)
     print(f"draft written to {out}")
     return 0
@@ -430,11 +441,10 @@ def cmd_train(args) -> int:
 def cmd_eval_draft(args) -> int:
     from .assets import resolve_draft
     from .evaluate import heldout_accuracy, tau_on_set
-    from .target import load_target
     from .tree import TreeConfig
     tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree by default
                       6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
-    target = load_target(args.model, args.device, args.dtype)
+    target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
     report: dict = {"draft": label, "tree": [tree.total_tokens, tree.depth, tree.top_k],
                     "questions_per_set": args.questions, "max_new_tokens": args.max_new_tokens}
@@ -465,11 +475,10 @@ def cmd_eval_draft(args) -> int:
 
 def cmd_curve(args) -> int:
     from .evaluate import curve_table, training_curve
-    from .target import load_target
     from .tree import TreeConfig
     tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree, as eval-draft
                       6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
-    target = load_target(args.model, args.device, args.dtype)
+    target = _load_target(args)
     out = args.run / "curve.json"
     settings = {"tree": [tree.total_tokens, tree.depth, tree.top_k], "questions_per_set": args.questions,
                 "max_new_tokens": args.max_new_tokens, "sets": args.sets}
@@ -496,7 +505,6 @@ def cmd_batch(args) -> int:
     from .assets import resolve_draft
     from .batch import METHODS, load_prompt_file, run_batch
     from .decode import GenerationConfig
-    from .target import load_target
     from .tree import TreeConfig
     from .verify import SamplingConfig
 
@@ -520,7 +528,7 @@ def cmd_batch(args) -> int:
     cfg.validate()
     if None not in (args.total_tokens, args.depth, args.top_k):
         TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
-    target = load_target(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    target = _load_target(args)
     prompts = [target.render(c) for c in chats]
     draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
     cfg = dataclasses.replace(cfg, tree=_tree(args, target, draft_label))

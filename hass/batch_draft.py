@@ -21,6 +21,7 @@ import torch
 
 from .draft import DraftHead, OutputHead
 from .drafting import Drafter, TreeTensors
+from .kernels import PackedLinear, pack_linears
 from .packed import PackedPlan, Segment, SlotStore
 from .tree import TreeConfig, best, expand, remap_parents
 
@@ -100,7 +101,10 @@ class BatchDrafter:
         if not isinstance(draft, DraftHead):
             raise TypeError("batched drafting needs a DraftHead; use LoopDrafter for other draft modules")
         self.draft, self.embed = draft, embed
-        self.head = OutputHead(lm_head, draft.token_map, dtype=draft.fc.weight.dtype)
+        pack = isinstance(lm_head, PackedLinear)              # the target runs on oneDNN: so does the draft
+        if pack:
+            pack_linears(draft)
+        self.head = OutputHead(lm_head, draft.token_map, dtype=draft.fc.weight.dtype, pack=pack)
         self.store = SlotStore(rows)
         self.lengths = [0] * rows
         self.last_out: torch.Tensor | None = None       # [rows, H]: the draft's guess of f at each root

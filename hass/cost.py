@@ -28,7 +28,8 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: int, repeats: int) -> dict:
+def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: int, repeats: int,
+                  kernels: str = "auto") -> dict:
     """Load times (cold = dequantise into an empty cache, for GGUF specs), plain tokens/s and
     the median time of one verify forward over N tree tokens after `prefix` cached tokens."""
     if prefix < 1 or repeats < 1 or not sizes or min(sizes) < 1:
@@ -39,17 +40,18 @@ def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: 
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["HASS_CACHE"] = tmp
             try:
-                report["load_cold_s"] = load_target(spec, device, dtype).load_seconds
+                report["load_cold_s"] = load_target(spec, device, dtype, kernels=kernels).load_seconds
             finally:
                 if old is None:
                     os.environ.pop("HASS_CACHE", None)
                 else:
                     os.environ["HASS_CACHE"] = old
     t0 = time.perf_counter()
-    target = load_target(spec, device, dtype)
+    target = load_target(spec, device, dtype, kernels=kernels)
     report["load_cached_s"] = time.perf_counter() - t0
     dev = target.device
     report["device"], report["dtype"] = str(dev), str(target.dtype).removeprefix("torch.")
+    report["kernels"] = target.kernels
     g = torch.Generator().manual_seed(0)
     if prefix + max(sizes) + 1 >= target.max_length:
         raise ValueError(f"prefix + tree size must stay below the context ({target.max_length})")
@@ -96,7 +98,7 @@ def verify_costs(target, prefix: int, sizes: list[int], repeats: int = 5) -> dic
 
 
 def format_costs(r: dict) -> str:
-    lines = [f"model {r['model']} on {r['device']} ({r['dtype']})"]
+    lines = [f"model {r['model']} on {r['device']} ({r['dtype']}, {r.get('kernels', 'stock')} kernels)"]
     if "load_cold_s" in r:
         lines.append(f"load: cold {r['load_cold_s']:.1f}s (dequantise + cache), cached {r['load_cached_s']:.1f}s")
     else:

@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
+
+from .kernels import PackedLinear, can_pack
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -149,7 +151,8 @@ class DraftHead(nn.Module):
 class OutputHead:
     """The target's frozen lm_head as the draft sees it: all rows, or the token map's rows."""
 
-    def __init__(self, lm_head: nn.Module, token_map: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, lm_head: nn.Module, token_map: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 pack: bool = False):
         w, b = lm_head.weight, getattr(lm_head, "bias", None)
         self.token_map = None if token_map is None else token_map.to(w.device)
         self.weight = w if token_map is None else w[self.token_map].detach()
@@ -157,13 +160,20 @@ class OutputHead:
         if dtype is not None and dtype != self.weight.dtype:      # a copy in the draft's precision
             self.weight = self.weight.detach().to(dtype)
             self.bias = None if self.bias is None else self.bias.detach().to(dtype)
+        # `pack`: multiply through oneDNN with a packed copy (inference only; see hass.kernels)
+        self._linear = None
+        if pack and isinstance(lm_head, PackedLinear) and self.weight is w:
+            self._linear = lm_head                               # the target's own packed head, as it is
+        elif pack and can_pack(self.weight):
+            self._linear = PackedLinear.of(self.weight, self.bias)
 
     @property
     def size(self) -> int:
         return self.weight.shape[0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias) if self._linear is None else self._linear(x)
 
     def to_target(self, idx: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary indices -> target token ids."""

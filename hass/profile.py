@@ -1,7 +1,8 @@
 """Per-device tree profiles: the tree shape `tune` measured to be fastest here.
 
-A profile is keyed by device kind, thread count, target and draft, so a laptop, a CPU
-server and a GPU each keep their own. Explicit settings always win over a profile.
+A profile is keyed by device kind, thread count, matmul kernels, target and draft, so a
+laptop, a CPU server and a GPU each keep their own (and a tree tuned for one kernel choice
+is not used with another: verify costs differ). Explicit settings always win over a profile.
 """
 from __future__ import annotations
 
@@ -21,16 +22,18 @@ log = logging.getLogger(__name__)
 PAPER_TREE = TreeConfig(60, 6, 10)
 
 
-def device_key(device: torch.device) -> str:
+def device_key(device: torch.device, kernels: str = "stock") -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+    if kernels != "stock":
+        name += f"-{kernels}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device.type}-{name}")
 
 
-def profile_path(device: torch.device, target_name: str, draft_label: str) -> Path:
-    key = f"{device_key(device)}__{target_name}__{Path(draft_label).name}"
+def profile_path(device: torch.device, target_name: str, draft_label: str, kernels: str = "stock") -> Path:
+    key = f"{device_key(device, kernels)}__{target_name}__{Path(draft_label).name}"
     return cache_root() / "profiles" / f"{key}.json"
 
 
@@ -55,9 +58,9 @@ def load_profile(path: Path) -> TreeConfig | None:
 
 
 def resolve_tree(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,
-                 target_name: str, draft_label: str) -> tuple[TreeConfig, str]:
+                 target_name: str, draft_label: str, kernels: str = "stock") -> tuple[TreeConfig, str]:
     """Explicit values win; missing ones come from this device's profile, else the paper's 60/6/10."""
-    prof = load_profile(profile_path(device, target_name, draft_label))
+    prof = load_profile(profile_path(device, target_name, draft_label, kernels))
     base, source = (prof, "device profile") if prof else (PAPER_TREE, "paper default")
     tree = TreeConfig(total_tokens if total_tokens is not None else base.total_tokens,
                       depth if depth is not None else base.depth,

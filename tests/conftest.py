@@ -14,6 +14,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hass.draft import draft_config_for, new_draft
+from hass.kernels import pack_linears, resolve_kernels
 from hass.target import Target
 
 # The models here are tiny (and even the 135M default is small): intra-op thread
@@ -42,7 +43,7 @@ TINY_MAX_POS = 512
 def build_tiny_target(vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                       kv_heads: int = 2, intermediate_size: int = 128, max_position_embeddings: int = TINY_MAX_POS,
                       eos_token_id: int = TINY_EOS, seed: int = 0, initializer_range: float = 0.2,
-                      logit_scale: float = 2.0, name: str = "tiny-llama") -> Target:
+                      logit_scale: float = 2.0, name: str = "tiny-llama", kernels: str = "auto") -> Target:
     """A random fp32 LLaMA wrapped in `Target`, built deterministically from `seed`.
 
     Peakedness: with the stock initializer_range (0.02) a random model's logits are almost
@@ -53,6 +54,9 @@ def build_tiny_target(vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layer
     ~3.2 and a median top-2 gap ~0.7 (smallest seen ~1e-2), orders of magnitude above the
     ~1e-6 fp32 noise, so greedy speculative output must equal plain output token for token
     (test_greedy.test_tiny_target_is_peaked_enough checks this on the generated positions).
+
+    `kernels` as in `load_target`: 'auto' packs the linear layers for oneDNN where the library
+    would, so the equality tests run the kernels users get.
     """
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -70,7 +74,10 @@ def build_tiny_target(vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layer
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = None
-    target = Target(model=model, tokenizer=None, name=name)
+    kern = resolve_kernels(kernels, torch.device("cpu"), torch.float32)
+    if kern == "onednn" and not pack_linears(model):
+        kern = "stock"
+    target = Target(model=model, tokenizer=None, name=name, kernels=kern)
     assert target.eos_ids == {eos_token_id}
     assert target.model.config._attn_implementation == "sdpa"
     return target

@@ -43,7 +43,7 @@ def test_tune_writes_a_profile_that_generate_uses(tiny_folder, tmp_path, monkeyp
     prof = json.loads(open(report["profile"]).read())
     assert [prof["total_tokens"], prof["depth"], prof["top_k"]] == report["best"]["tree"]
     assert prof["total_tokens"] in (4, 8) and prof["depth"] in (1, 2, 3) and prof["top_k"] in (2, 3)
-    path = profile_path(target.device, target.name, str(tmp_path / "d"))
+    path = profile_path(target.device, target.name, str(tmp_path / "d"), target.kernels)
     assert str(path) == report["profile"]
     with caplog.at_level(logging.INFO, logger="hass"):
         rc = main(["generate", "--model", str(tiny_folder), "--draft", str(tmp_path / "d"), "--prompt", "Hi",

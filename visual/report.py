@@ -177,6 +177,7 @@ def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path) -> str:
              f"- date: {bench.get('date', 'unknown')}",
              f"- machine: {machine.get('cpu', platform.processor() or platform.machine())}, "
              f"device {machine.get('device', '?')}, {machine.get('threads', '?')} torch threads"
+             + (f", {machine['dtype']} target with {machine['kernels']} matmul kernels" if machine.get("kernels") else "")
              + (f", {machine['note']}" if machine.get("note") else "")
              + (f" (1-min load average {machine['load_avg_before']} before, {machine['load_avg_after']} after)"
                 if machine.get("load_avg_before") is not None else ""),

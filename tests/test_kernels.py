@@ -1,0 +1,133 @@
+"""oneDNN-packed linear layers: same products, same decoding, clean fallbacks.
+
+The packed kernels are the CPU default (`load_target(kernels="auto")`, and the tiny test
+target mirrors it), so the greedy and sampling suites already run on them. Here: the layer
+itself, the swap (weights shared, ties kept, state_dict unchanged), the rollback when
+packing fails, and that greedy output does not depend on the kernel choice.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hass import kernels as K
+from hass.__main__ import main
+from hass.decode import GenerationConfig, plain_generate, speculative_generate
+from hass.target import load_target
+from hass.tree import TreeConfig
+
+needs_onednn = pytest.mark.skipif(not K.onednn_available(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200, bias=bias).to(dtype).requires_grad_(False)
+    packed = K.PackedLinear.wrap(lin)
+    assert packed.weight is lin.weight and packed.bias is lin.bias
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+    for shape in [(1, 96), (4, 96), (17, 96), (2, 5, 96), (1, 0, 96)]:
+        x = torch.randn(shape).to(dtype)
+        with torch.inference_mode():
+            got = packed(x)
+        assert got.shape == (*shape[:-1], 200) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), F.linear(x, lin.weight, lin.bias).float(), **tol)
+
+
+@needs_onednn
+def test_packed_linear_falls_back_for_autograd():
+    """Training through a packed layer must still get gradients (oneDNN's op has none)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    packed = K.PackedLinear.wrap(lin)
+    x = torch.randn(3, 8, requires_grad=True)
+    packed(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 8).detach())
+
+
+@needs_onednn
+def test_pack_linears_shares_weights_and_keeps_state(tiny_folder):
+    stock = load_target(str(tiny_folder), kernels="stock")
+    packed = load_target(str(tiny_folder), kernels="onednn")
+    assert stock.kernels == "stock" and packed.kernels == "onednn"
+    assert not any(isinstance(m, K.PackedLinear) for m in stock.model.modules())
+    layers = [m for m in packed.model.modules() if isinstance(m, nn.Linear)]
+    assert layers and all(isinstance(m, K.PackedLinear) for m in layers)
+    # tied embedding and lm_head stay one tensor; the state_dict has the same keys and values
+    assert packed.lm_head.weight is packed.embed_tokens.weight
+    a, b = stock.model.state_dict(), packed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, stock.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    la, fa = stock.forward(ids, stock.new_cache())
+    lb, fb = packed.forward(ids, packed.new_cache())
+    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fb, fa, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_failed_packing_leaves_the_stock_layers(make_target, monkeypatch):
+    """A pack that disagrees with F.linear (or raises) midway rolls every swapped layer back."""
+    target = make_target(kernels="stock")
+    calls = []
+
+    def check(layer):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise RuntimeError("packed product differs")
+    monkeypatch.setattr(K, "_check", check)
+    assert K.pack_linears(target.model) == 0
+    assert len(calls) == 3
+    assert not any(isinstance(m, K.PackedLinear) for m in target.model.modules())
+
+
+def test_resolve_kernels():
+    cpu = torch.device("cpu")
+    assert K.resolve_kernels("stock", cpu, torch.float32) == "stock"
+    assert K.resolve_kernels("auto", cpu, torch.float16) == "stock"       # no oneDNN fp16 path chosen
+    assert K.resolve_kernels("auto", torch.device("meta"), torch.float32) == "stock"
+    assert K.resolve_kernels("auto", cpu, torch.float32) == ("onednn" if K.onednn_available() else "stock")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        K.resolve_kernels("fast", cpu, torch.float32)
+    with pytest.raises(ValueError, match="need a CPU model"):
+        K.resolve_kernels("onednn", torch.device("meta"), torch.float32)
+
+
+@needs_onednn
+def test_greedy_output_does_not_depend_on_the_kernels(make_target, oracle_draft, prompts, run):
+    """Plain and speculative greedy decoding give the same tokens with stock and packed
+    kernels (the tiny target is peaked: rounding differences cannot flip an argmax)."""
+    stock, packed = make_target(kernels="stock"), make_target(kernels="onednn")
+    assert (stock.kernels, packed.kernels) == ("stock", "onednn")
+    cfg = GenerationConfig(max_new_tokens=16, tree=TreeConfig(16, 4, 4), stop_at_eos=False)
+    for p in prompts(6, stock.vocab_size, 1, 30, seed=7):
+        want, _ = run(plain_generate(stock, p, cfg))
+        assert run(plain_generate(packed, p, cfg))[0] == want
+        assert run(speculative_generate(packed, oracle_draft(packed, p, corrupt_every=3), p, cfg))[0] == want
+
+
+def test_cli_kernels_flag(tiny_folder, tmp_path, capsys):
+    rc = main(["generate", "--model", str(tiny_folder), "--draft", "none", "--prompt", "Hi", "--kernels", "stock",
+               "--max-new-tokens", "3", "--total-tokens", "4", "--depth", "2", "--top-k", "2", "--json"])
+    assert rc == 0
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--kernels", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+@needs_onednn
+def test_packed_linear_repacks_after_an_in_place_weight_change():
+    """load_state_dict or an optimizer step changes the weight in place: no stale product."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).requires_grad_(False)
+    packed = K.PackedLinear.wrap(lin)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        lin.weight.mul_(-3.0)
+    with torch.inference_mode():
+        got = packed(x)
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
