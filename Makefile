@@ -47,7 +47,7 @@ benchmarks: setup
 	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)"
 	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
-.PHONY: benchmarks curve prepare drafts draft-hass draft-eagle2 eval-drafts
+.PHONY: benchmarks curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)
@@ -71,9 +71,30 @@ drafts: prepare
 
 eval-drafts: setup
 	for d in hass eagle2; do \
-		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d --heldout $(DATA)/sharegpt-heldout-$(MAX_LEN) \
-			--questions 10 --out $(RUNS)/smollm2-135m-$$d/eval.json && \
-		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d --out $(DRAFTS)/smollm2-135m-$$d \
+		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d$(STAGE) --heldout $(DATA)/sharegpt-heldout-$(MAX_LEN) \
+			--questions 10 --out $(RUNS)/smollm2-135m-$$d$(STAGE)/eval.json && \
+		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d$(STAGE) --out $(DRAFTS)/smollm2-135m-$$d \
 			--data $(DATA)/sharegpt-train-$(MAX_LEN) \
-			--title "SmolLM2-135M-Instruct $$d draft" --command "make drafts EPOCHS=$(EPOCHS)"; \
+			--title "SmolLM2-135M-Instruct $$d draft" --command "$(CARD_COMMAND)"; \
 	done
+CARD_COMMAND ?= make drafts EPOCHS=$(EPOCHS)
+
+# Stage 2 (the shipped drafts): more dialogues, then both stage-1 drafts continued for one
+# more epoch with the same settings for both (the token map stays stage 1's).
+PREP2_LIMIT ?= 2000
+STAGE2_FLAGS ?= --lr 5e-4 --warmup 0.02 --batch-size 4 --threads 1 --epochs 1
+
+prepare-2: setup
+	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP2_LIMIT) --max-len $(MAX_LEN)
+
+draft-hass-2: setup
+	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass-2 \
+		--init $(RUNS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 $(STAGE2_FLAGS) --snapshots $(RESUME)
+
+draft-eagle2-2: setup
+	$(BIN)/python -m hass train --data $(DATA)/sharegpt-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-eagle2-2 \
+		--init $(RUNS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE2_FLAGS) $(RESUME)
+
+drafts-2: prepare-2
+	$(MAKE) -j2 draft-hass-2 draft-eagle2-2
+	$(MAKE) eval-drafts STAGE=-2 CARD_COMMAND="make drafts && make drafts-2"

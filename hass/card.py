@@ -35,9 +35,26 @@ def export_draft(src: str | Path, dst: str | Path, title: str, data_meta: dict |
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     if (src / "train_state.pt").is_file():      # the card reads steps and wall time from it
-        s = torch.load(src / "train_state.pt", map_location="cpu", weights_only=True)
-        (dst / "train_state.json").write_text(json.dumps({k: s.get(k) for k in ("step", "tokens", "elapsed_s")}))
+        (dst / "train_state.json").write_text(json.dumps(_state(src)))
+    init = json.loads((src / "train_config.json").read_text()).get("init") if (src / "train_config.json").is_file() else None
+    if init and (Path(init) / "train_config.json").is_file():
+        # a continued run: keep what the run it started from was, so the card tells the whole training
+        prev = {"folder": str(init), "config": json.loads((Path(init) / "train_config.json").read_text()),
+                "state": _state(Path(init)), "last_metrics": _last_metrics(Path(init))}
+        (dst / "init_run.json").write_text(json.dumps(prev, indent=1))
+    elif (dst / "init_run.json").is_file():
+        (dst / "init_run.json").unlink()
     return write_card(dst, title, data_meta, command)
+
+
+def _state(folder: Path) -> dict:
+    """step, loss tokens and wall time of a run (from train_state.pt, or its exported json)."""
+    if (folder / "train_state.json").is_file():
+        return json.loads((folder / "train_state.json").read_text())
+    if (folder / "train_state.pt").is_file():
+        s = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        return {k: s.get(k) for k in ("step", "tokens", "elapsed_s")}
+    return {}
 
 
 def write_card(folder: str | Path, title: str, data_meta: dict | None = None, command: str = "") -> Path:
@@ -45,12 +62,7 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
     folder = Path(folder)
     cfg = json.loads((folder / "train_config.json").read_text())
     last = _last_metrics(folder)
-    state = {}
-    if (folder / "train_state.json").is_file():
-        state = json.loads((folder / "train_state.json").read_text())
-    elif (folder / "train_state.pt").is_file():
-        s = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
-        state = {"step": s.get("step"), "tokens": s.get("tokens"), "elapsed_s": s.get("elapsed_s")}
+    state = _state(folder)
     ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").is_file() else None
     draft_cfg = json.loads((folder / "config.json").read_text())
     vocab = draft_cfg.get("hass", {}).get("draft_vocab_size") or draft_cfg.get("vocab_size")
@@ -75,6 +87,13 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
     if last:
         accs = [f"{last[k]:.3f}" for k in sorted(k for k in last if k.startswith("acc_"))]
         lines.append(f"- last logged training top-1 accuracy per pass: {', '.join(accs)}")
+    if (folder / "init_run.json").is_file():
+        prev = json.loads((folder / "init_run.json").read_text())
+        pc, ps, pl = prev["config"], prev["state"], prev.get("last_metrics", {})
+        lines.append(f"- continued from `{prev['folder']}`, itself trained from random weights on `{pc.get('data')}` "
+                     f"with lr {pc.get('lr')}: {ps.get('step')} steps, {pl.get('epoch', 0):.2f} epochs, "
+                     f"{ps.get('tokens')} loss tokens, {(ps.get('elapsed_s') or 0) / 60:.1f} min"
+                     if not pc.get("init") else f"- continued from `{prev['folder']}` (itself a continued run)")
     if command:
         lines += ["", "Reproduce:", "", "```bash", command, "```"]
     if ev:

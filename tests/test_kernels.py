@@ -131,3 +131,18 @@ def test_packed_linear_repacks_after_an_in_place_weight_change():
     with torch.inference_mode():
         got = packed(x)
     torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_the_draft_follows_the_targets_kernels(make_target):
+    from hass.draft import new_draft
+    from hass.drafting import Drafter
+    for kernels in ("stock", "onednn"):
+        target = make_target(kernels=kernels)
+        draft = new_draft(target.config, seed=0, token_map=torch.arange(0, 100, 3)).eval()
+        drafter = Drafter(draft, target.embed_tokens, target.lm_head)
+        packed = [isinstance(m, K.PackedLinear) for m in draft.modules() if isinstance(m, nn.Linear)]
+        assert all(packed) if kernels == "onednn" else not any(packed)
+        assert (drafter.head._linear is not None) == (kernels == "onednn")
+        x = torch.randn(3, target.hidden_size)
+        torch.testing.assert_close(drafter.head.logits(x), F.linear(x, drafter.head.weight), atol=1e-4, rtol=1e-4)

@@ -146,3 +146,25 @@ def test_heldout_accuracy_per_pass_in_fp32_and_bf16(data_dir, tiny_folder, tmp_p
     low = heldout_accuracy(new_draft(target.config, seed=3).to(torch.bfloat16), target, str(data_dir), align_steps=2)
     assert low["tokens"] == ref["tokens"]
     assert low["accuracy_per_pass"][0] == pytest.approx(ref["accuracy_per_pass"][0], abs=0.1)
+
+
+def test_card_of_a_continued_run_tells_both_stages(data_dir, tmp_path):
+    from hass.card import export_draft
+    first = train(_cfg(data_dir, tmp_path / "s1", max_steps=2), device="cpu")
+    second = train(_cfg(data_dir, tmp_path / "s2", max_steps=3, init=str(first)), device="cpu")
+    card = export_draft(second, tmp_path / "ship", "tiny draft").read_text()
+    assert "- steps: 3," in card
+    assert f"continued from `{first}`" in card and ": 2 steps," in card
+    # a run from random weights says nothing of the kind (and a stale record is removed)
+    card = export_draft(first, tmp_path / "ship", "tiny draft").read_text()
+    assert "continued from" not in card and not (tmp_path / "ship" / "init_run.json").exists()
+
+
+def test_training_precision():
+    from hass.device import cpu_has_fast_bf16
+    from hass.train import mixed_precision
+    assert mixed_precision("fp32", "cpu") == "no"
+    assert mixed_precision("bf16", "cpu") == "bf16"
+    assert mixed_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "no")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(data="x", out="y", precision="fp16").validate()
