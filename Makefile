@@ -44,7 +44,8 @@ BENCH_NOTE ?= idle machine (nothing else running)
 
 # docs/BENCHMARKS.md and its plots, from one full run (run it on an otherwise idle machine)
 benchmarks: setup
-	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)"
+	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)" \
+		--methods plain,plain-stock,hass,eagle2,hf-generate,hf-prompt-lookup
 	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
 .PHONY: benchmarks curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2

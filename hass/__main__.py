@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--sets", default="mt_bench,humaneval,gsm8k", help="set names or JSONL files with `turns`")
     b.add_argument("--limit", type=int, default=10, help="questions per set")
-    b.add_argument("--methods", default=",".join(("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")))
+    b.add_argument("--methods", default=",".join(("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")),
+                   help="comma list; also plain-stock: plain decoding with torch's stock matmul kernels on a "
+                   "second copy of the target (the gain of --kernels, measured side by side)")
     b.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="extra draft methods")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, nargs="+", default=[0.0])
@@ -296,8 +298,14 @@ def cmd_bench(args) -> int:
             runners[name] = bench.draft_runner(target, draft, tree)
         elif name in ("hf-generate", "hf-prompt-lookup"):
             runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
+        elif name == "plain-stock":
+            from .target import load_target
+            stock = target if target.kernels == "stock" else load_target(
+                args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, kernels="stock")
+            runners[name] = bench.plain_runner(stock)
         else:
-            raise ValueError(f"unknown method {name!r} (known: {', '.join(bench.BUILTIN_METHODS)}, or --draft NAME=DIR)")
+            known = ", ".join(bench.BUILTIN_METHODS + bench.OPTIONAL_METHODS)
+            raise ValueError(f"unknown method {name!r} (known: {known}, or --draft NAME=DIR)")
     if "plain" in runners:                      # plain first: it is the reference for equality and speedup
         runners = {"plain": runners.pop("plain"), **runners}
     questions = [q for s in args.sets.split(",") if s for q in load_set(s, args.limit)]

@@ -24,6 +24,9 @@ from .verify import SamplingConfig
 log = logging.getLogger(__name__)
 
 BUILTIN_METHODS = ("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")
+# opt-in: plain decoding on a second copy of the target with torch's stock matmul kernels,
+# so the gain of the packed oneDNN kernels is measured side by side, like everything else
+OPTIONAL_METHODS = ("plain-stock",)
 
 
 @dataclass

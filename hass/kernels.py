@@ -97,6 +97,30 @@ class PackedLinear(nn.Linear):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes a packed copy of the model's linear weights takes (the extra memory of packing)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+
+
+def memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def pack_fits(model: nn.Module) -> bool:
+    """Packing keeps a second copy of the weights: 'auto' only packs when that copy takes
+    less than half of the free memory (a large model on a small machine stays stock)."""
+    free = memory_available()
+    return free is None or 2 * linear_bytes(model) < free
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace the model's `nn.Linear`s by `PackedLinear`s in place; return how many.
 

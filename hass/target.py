@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from .cache import new_cache
 from .device import resolve_device, resolve_dtype
-from .kernels import pack_linears, resolve_kernels
+from .kernels import pack_fits, pack_linears, resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,9 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
             raise ModelLoadError(f"unknown model spec {spec!r}: not 'default', not an existing folder or .gguf file, "
                                  "and not a hub id of the form owner/name")
     model.to(dev)
+    if kern == "onednn" and kernels == "auto" and not pack_fits(model):
+        log.info("not packing the weights for oneDNN: a second copy would not fit in free memory")
+        kern = "stock"
     if kern == "onednn" and not pack_linears(model):
         kern = "stock"
     target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source,

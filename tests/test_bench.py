@@ -23,12 +23,12 @@ def test_bench_end_to_end(tiny_folder, prompts_file, tmp_path, capsys):
     save_draft(new_draft(target.config, seed=1), tmp_path / "d")
     out = tmp_path / "out"
     rc = main(["bench", "--model", str(tiny_folder), "--sets", str(prompts_file), "--limit", "2",
-               "--methods", "plain,hf-generate", "--draft", f"mine={tmp_path / 'd'}", "--max-new-tokens", "6",
+               "--methods", "plain,plain-stock,hf-generate", "--draft", f"mine={tmp_path / 'd'}", "--max-new-tokens", "6",
                "--total-tokens", "8", "--depth", "3", "--top-k", "2", "--out", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) == {"sets", "mean"}
-    for method in ("plain", "hf-generate", "mine"):
+    for method in ("plain", "plain-stock", "hf-generate", "mine"):
         v = summary["sets"]["two"][method]
         assert {"tokens_per_s", "speedup", "tau", "tau_macro", "per_depth_acceptance", "greedy_equal"} <= set(v)
         assert method in summary["mean"]
@@ -39,7 +39,9 @@ def test_bench_end_to_end(tiny_folder, prompts_file, tmp_path, capsys):
     records = full["records"]["0.0"]
     # interleaved per prompt and turn: plain, then every other method, then the next turn
     order = [(r["question"], r["turn"], r["method"]) for r in records]
-    assert order == [(q, t, m) for q, t in (("0", 0), ("0", 1), ("1", 0)) for m in ("plain", "hf-generate", "mine")]
+    assert order == [(q, t, m) for q, t in (("0", 0), ("0", 1), ("1", 0))
+                     for m in ("plain", "plain-stock", "hf-generate", "mine")]
+    assert full["machine"]["kernels"] == target.kernels and full["machine"]["dtype"] == "float32"
     assert all(r["new_tokens"] <= 6 for r in records)
     page = (out / "report.html").read_text()                 # the Plotly report, drawn from bench.json
     assert page.count("Plotly.newPlot") == 4 and "mine" in page and "hf-generate" in page

@@ -146,3 +146,12 @@ def test_the_draft_follows_the_targets_kernels(make_target):
         assert (drafter.head._linear is not None) == (kernels == "onednn")
         x = torch.randn(3, target.hidden_size)
         torch.testing.assert_close(drafter.head.logits(x), F.linear(x, drafter.head.weight), atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_auto_does_not_pack_what_would_not_fit(tiny_folder, monkeypatch):
+    monkeypatch.setattr(K, "memory_available", lambda: 1000)        # bytes: far less than two copies
+    assert load_target(str(tiny_folder)).kernels == "stock"
+    assert load_target(str(tiny_folder), kernels="onednn").kernels == "onednn"   # asked for: done
+    monkeypatch.setattr(K, "memory_available", lambda: None)        # unknown: pack
+    assert load_target(str(tiny_folder)).kernels == "onednn"
