@@ -284,7 +284,8 @@ class Studio:
             self.target, self.model_spec = target, spec
             self._drafts.clear()
             self.tree_defaults, self.tree_source = self._tree_defaults()
-        return f"loaded {target.source or target.name} in {target.load_seconds:.1f}s"
+        return (f"loaded {target.source or target.name} in {target.load_seconds:.1f}s "
+                f"({target.device.type}, {str(target.dtype).removeprefix('torch.')}, {target.kernels} kernels)")
 
     # -- drafts --------------------------------------------------------------------------------
     def draft_spec_for(self, choice: str, path: str = "") -> str:
