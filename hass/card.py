@@ -90,9 +90,10 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
     if (folder / "init_run.json").is_file():
         prev = json.loads((folder / "init_run.json").read_text())
         pc, ps, pl = prev["config"], prev["state"], prev.get("last_metrics", {})
-        lines.append(f"- continued from `{prev['folder']}`, itself trained from random weights on `{pc.get('data')}` "
-                     f"with lr {pc.get('lr')}: {ps.get('step')} steps, {pl.get('epoch', 0):.2f} epochs, "
-                     f"{ps.get('tokens')} loss tokens, {(ps.get('elapsed_s') or 0) / 60:.1f} min"
+        lines.append(f"- continued from `{prev['folder']}`, itself trained from random weights (lr {pc.get('lr')}, "
+                     f"n = {pc.get('loss', {}).get('align_steps')}): {ps.get('step')} steps, "
+                     f"{pl.get('epoch', 0):.2f} epochs, {ps.get('tokens')} loss tokens, "
+                     f"{(ps.get('elapsed_s') or 0) / 60:.1f} min"
                      if not pc.get("init") else f"- continued from `{prev['folder']}` (itself a continued run)")
     if command:
         lines += ["", "Reproduce:", "", "```bash", command, "```"]
