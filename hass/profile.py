@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -57,11 +58,34 @@ def load_profile(path: Path) -> TreeConfig | None:
         return None
 
 
+def nearest_profile(path: Path) -> Path | None:
+    """`path` if it exists, else the profile of the same CPU, kernels, target and draft tuned
+    with the nearest other thread count (the app keeps a core for its server, so it often
+    runs with fewer threads than `tune` did; the best tree shape barely moves with that)."""
+    if path.is_file():
+        return path
+    m = re.match(r"^(cpu-.+-\d+cpu-)(\d+)threads(.*)$", path.stem)
+    if not m:
+        return None
+    want = int(m.group(2))
+    found = []
+    for other in path.parent.glob(f"{m.group(1)}*threads{m.group(3)}.json"):
+        o = re.match(rf"^{re.escape(m.group(1))}(\d+)threads{re.escape(m.group(3))}$", other.stem)
+        if o:
+            found.append((abs(int(o.group(1)) - want), int(o.group(1)), other))
+    return min(found)[2] if found else None
+
+
 def resolve_tree(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,
                  target_name: str, draft_label: str, kernels: str = "stock") -> tuple[TreeConfig, str]:
-    """Explicit values win; missing ones come from this device's profile, else the paper's 60/6/10."""
-    prof = load_profile(profile_path(device, target_name, draft_label, kernels))
+    """Explicit values win; missing ones come from this device's profile (or the one tuned
+    with the nearest thread count), else the paper's 60/6/10."""
+    path = profile_path(device, target_name, draft_label, kernels)
+    found = nearest_profile(path)
+    prof = load_profile(found) if found else None
     base, source = (prof, "device profile") if prof else (PAPER_TREE, "paper default")
+    if prof and found != path:
+        source = f"device profile tuned with other threads: {found.name}"
     tree = TreeConfig(total_tokens if total_tokens is not None else base.total_tokens,
                       depth if depth is not None else base.depth,
                       top_k if top_k is not None else base.top_k)

@@ -57,3 +57,25 @@ def test_tune_writes_a_profile_that_generate_uses(tiny_folder, tmp_path, monkeyp
         main(["generate", "--model", str(tiny_folder), "--draft", str(tmp_path / "d"), "--prompt", "Hi",
               "--max-new-tokens", "4", "--total-tokens", "5", "--depth", "2", "--top-k", "2", "--json"])
     assert any("tree 5/2/2 (explicit)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_profile_tuned_with_other_threads_is_used(tmp_path, monkeypatch):
+    """The app runs with a core less than `tune` did: the nearest thread count's profile
+    serves, an exact one wins, and another kernel choice or draft never does."""
+    from hass.profile import resolve_tree, save_profile
+    from hass.tree import TreeConfig
+    monkeypatch.setenv("HASS_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        save_profile(profile_path(cpu, "m", "d", "onednn"), TreeConfig(12, 2, 8), {})
+        torch.set_num_threads(1)
+        save_profile(profile_path(cpu, "m", "other-draft", "onednn"), TreeConfig(5, 1, 4), {})
+        tree, source = resolve_tree(None, None, None, cpu, "m", "d", "onednn")
+        assert tree == TreeConfig(12, 2, 8) and "other threads" in source
+        assert resolve_tree(None, None, None, cpu, "m", "d", "stock")[1] == "paper default"
+        save_profile(profile_path(cpu, "m", "d", "onednn"), TreeConfig(6, 2, 4), {})      # 1 thread: exact
+        assert resolve_tree(None, None, None, cpu, "m", "d", "onednn") == (TreeConfig(6, 2, 4), "device profile")
+    finally:
+        torch.set_num_threads(before)
