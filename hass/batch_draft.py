@@ -21,7 +21,7 @@ import torch
 
 from .draft import DraftHead, OutputHead
 from .drafting import Drafter, TreeTensors
-from .kernels import PackedLinear, pack_linears
+from .kernels import follow_target
 from .packed import PackedPlan, Segment, SlotStore
 from .tree import TreeConfig, best, expand, remap_parents
 
@@ -101,9 +101,7 @@ class BatchDrafter:
         if not isinstance(draft, DraftHead):
             raise TypeError("batched drafting needs a DraftHead; use LoopDrafter for other draft modules")
         self.draft, self.embed = draft, embed
-        pack = isinstance(lm_head, PackedLinear)              # the target runs on oneDNN: so does the draft
-        if pack:
-            pack_linears(draft)
+        pack = follow_target(draft, lm_head)
         self.head = OutputHead(lm_head, draft.token_map, dtype=draft.fc.weight.dtype, pack=pack)
         self.store = SlotStore(rows)
         self.lengths = [0] * rows

@@ -12,7 +12,7 @@ import torch
 
 from .cache import KV, append_kv
 from .draft import DraftHead, OutputHead
-from .kernels import PackedLinear, pack_linears
+from .kernels import follow_target
 from .tree import TreeConfig, best, expand, remap_parents
 
 
@@ -34,9 +34,7 @@ class Drafter:
     def __init__(self, draft: DraftHead, embed: torch.nn.Module, lm_head: torch.nn.Module):
         self.draft, self.embed = draft, embed
         params = next(iter(draft.parameters()), None)         # the draft's precision (test doubles may have none)
-        pack = isinstance(lm_head, PackedLinear)              # the target runs on oneDNN: so does the draft
-        if pack:
-            pack_linears(draft)
+        pack = follow_target(draft, lm_head)
         self.head = OutputHead(lm_head, draft.token_map, dtype=None if params is None else params.dtype, pack=pack)
         self.kv: KV | None = None
         self.last_out: torch.Tensor | None = None     # [1, 1, H]: the draft's guess of f at the root

@@ -121,6 +121,30 @@ def pack_fits(model: nn.Module) -> bool:
     return free is None or 2 * linear_bytes(model) < free
 
 
+def apply_kernels(model: nn.Module, kernels: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Put a model (already on `device`) on the kernels asked for; return the ones it runs on.
+
+    'auto' packs for oneDNN where usable and where the packed copy fits in memory; an
+    explicit 'onednn' packs regardless of memory; a failed pack leaves the stock kernels.
+    """
+    kern = resolve_kernels(kernels, device, dtype)
+    if kern == "onednn" and kernels == "auto" and not pack_fits(model):
+        log.info("not packing the weights for oneDNN: a second copy would not fit in free memory")
+        return "stock"
+    if kern == "onednn" and not pack_linears(model):
+        return "stock"
+    return kern
+
+
+def follow_target(draft: nn.Module, lm_head: nn.Module) -> bool:
+    """Run a draft on the kernels of its target: when the target's head is packed, pack the
+    draft's linear layers too (idempotent) and return True, so its head is packed as well."""
+    if not isinstance(lm_head, PackedLinear):
+        return False
+    pack_linears(draft)
+    return True
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace the model's `nn.Linear`s by `PackedLinear`s in place; return how many.
 

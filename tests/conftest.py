@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hass.draft import draft_config_for, new_draft
-from hass.kernels import pack_linears, resolve_kernels
+from hass.kernels import apply_kernels
 from hass.target import Target
 
 # The models here are tiny (and even the 135M default is small): intra-op thread
@@ -74,9 +74,7 @@ def build_tiny_target(vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layer
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = None
-    kern = resolve_kernels(kernels, torch.device("cpu"), torch.float32)
-    if kern == "onednn" and not pack_linears(model):
-        kern = "stock"
+    kern = apply_kernels(model, kernels, torch.device("cpu"), torch.float32)
     target = Target(model=model, tokenizer=None, name=name, kernels=kern)
     assert target.eos_ids == {eos_token_id}
     assert target.model.config._attn_implementation == "sdpa"
