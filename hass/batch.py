@@ -278,27 +278,40 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
         positions = torch.cat([samples[r].n + trees[r].depths for r in live])
         logits, feats = packed_forward(target, cache, tokens, positions, plan)
         t_verify = clock.lap()
-        steps, verdicts, extend = {}, {}, []
-        for r, seg in zip(live, segs):
-            s, tree = samples[r], trees[r]
-            lg = logits[seg.start:seg.start + seg.length]
-            verdicts[r] = _verdict(cfg, tree, ancs[r], lg, s.gen)
-            st = _spec_step(s, tree, verdicts[r], lg)
-            steps[s.index] = st
-            if st.stop_reason is None:
-                extend.append(_extend_item(r, s, feats[seg.start:seg.start + seg.length], tree, verdicts[r]))
+        steps, verdicts, extend = _judge(cfg, samples, trees, ancs, {
+            r: (logits[seg.start:seg.start + seg.length], feats[seg.start:seg.start + seg.length])
+            for r, seg in zip(live, segs)})
         cache.keep(live, [torch.tensor(verdicts[r].path) for r in live])
         t_other = clock.lap()
         drafter.extend(extend)
         t_draft += clock.lap()
-        for r in live:
-            s = samples[r]
-            s.n += len(verdicts[r].path)
-            s.root = verdicts[r].bonus
-            s.done = steps[s.index].stop_reason is not None
+        _advance(samples, verdicts, steps)
         _share(steps, t_draft, t_verify, t_other)
         yield BatchCycle("ems", group, cycle, steps, time.perf_counter() - t_start)
         clock.lap()          # the consumer's time between cycles is not decoding time
+
+
+def _judge(cfg, samples, trees, ancs, outputs):
+    """Verdict, step event and draft-extend item of every live sample, from its own rows of
+    the verify forward (`outputs`: row -> (logits, features), whatever the batch layout)."""
+    steps, verdicts, extend = {}, {}, []
+    for r, (lg, ft) in outputs.items():
+        s, tree = samples[r], trees[r]
+        verdicts[r] = _verdict(cfg, tree, ancs[r], lg, s.gen)
+        st = _spec_step(s, tree, verdicts[r], lg)
+        steps[s.index] = st
+        if st.stop_reason is None:
+            extend.append(_extend_item(r, s, ft, tree, verdicts[r]))
+    return steps, verdicts, extend
+
+
+def _advance(samples, verdicts, steps) -> None:
+    """Move every judged sample past its accepted path and bonus token."""
+    for r, verdict in verdicts.items():
+        s = samples[r]
+        s.n += len(verdict.path)
+        s.root = verdict.bonus
+        s.done = steps[s.index].stop_reason is not None
 
 
 # -- the padded ("vanilla") baseline -----------------------------------------------------------
@@ -373,16 +386,9 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
             allowed[r, :size, L:L + size] = ancs[r]
         logits, feats = target.forward(inp, cache, position_ids=pos, attention_mask=_additive(allowed, dtype, neg))
         t_verify = clock.lap()
-        steps, verdicts, extend = {}, {}, []
-        for r in live:
-            s, tree = samples[r], trees[r]
-            size = int(tree.tokens.shape[0])
-            lg = logits[r, :size]
-            verdicts[r] = _verdict(cfg, tree, ancs[r], lg, s.gen)
-            st = _spec_step(s, tree, verdicts[r], lg)
-            steps[s.index] = st
-            if st.stop_reason is None:
-                extend.append(_extend_item(r, s, feats[r, :size], tree, verdicts[r]))
+        sizes = {r: int(trees[r].tokens.shape[0]) for r in live}
+        steps, verdicts, extend = _judge(cfg, samples, trees, ancs,
+                                         {r: (logits[r, :sizes[r]], feats[r, :sizes[r]]) for r in live})
         # keep the cache aligned: every row gets K slots, the accepted path then padding
         K = max(len(verdicts[r].path) for r in live)
         src = torch.full((B, K), L, dtype=torch.long, device=dev)
@@ -397,11 +403,7 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
         t_other = clock.lap()
         drafter.extend(extend)
         t_draft += clock.lap()
-        for r in live:
-            s = samples[r]
-            s.n += len(verdicts[r].path)
-            s.root = verdicts[r].bonus
-            s.done = steps[s.index].stop_reason is not None
+        _advance(samples, verdicts, steps)
         _share(steps, t_draft, t_verify, t_other)
         yield BatchCycle("padded", group, cycle, steps, time.perf_counter() - t_start)
         clock.lap()
