@@ -82,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit", type=int, default=None, help="at most N dialogues of the split")
     pr.add_argument("--topk", type=int, default=0, help="also store the target's top-K next-token probabilities")
 
+    ds = sub.add_parser("distill", help="let the target answer ShareGPT's user turns itself (self-distilled "
+                        "training dialogues, JSONL for `prepare --data`; resumable)")
+    _add_model_args(ds)
+    ds.add_argument("--out", type=Path, help="JSONL of answered dialogues (appended; a restart skips what is there)")
+    ds.add_argument("--data", default=None, help="ShareGPT JSON or JSONL whose user turns are answered "
+                    "(default: the packaged ShareGPT V3)")
+    ds.add_argument("--split", choices=("train", "held-out"), default="train")
+    ds.add_argument("--limit", type=int, default=None, help="the first N dialogues of the split")
+    ds.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ds.add_argument("--max-new-tokens", type=int, default=384, help="cap per answer")
+    ds.add_argument("--max-len", type=int, default=1024, help="a dialogue ends when its prompt leaves no room "
+                    "under this length")
+    ds.add_argument("--sampled-fraction", type=float, default=0.25, help="share of dialogues sampled (the rest greedy)")
+    ds.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled dialogues")
+    ds.add_argument("--max-turns", type=int, default=8)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ds.add_argument("--measure", default=None, metavar="B1,B2,...",
+                    help="instead of distilling: tokens/s of batched generation at these batch sizes (a table)")
+
     t = sub.add_parser("train", help="train a HASS (or EAGLE-2) draft on prepared features")
     t.add_argument("--data", required=True, type=Path, help="a folder written by `prepare`")
     t.add_argument("--out", required=True, type=Path, help="draft folder (checkpoints go here)")
@@ -427,6 +447,36 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    import torch
+
+    from .data import load_dialogues, split
+    from .distill import DistillConfig, distill, measure_generation
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DistillConfig(max_new_tokens=args.max_new_tokens, max_len=args.max_len, batch_size=args.batch_size,
+                        sampled_fraction=args.sampled_fraction, temperature=args.temperature,
+                        max_turns=args.max_turns, seed=args.seed).validate()
+    if args.measure is None and args.out is None:
+        raise ValueError("distill needs --out FILE.jsonl (or --measure B1,B2,... for the throughput table)")
+    train_set, held = split(load_dialogues(args.data))
+    dialogues = train_set if args.split == "train" else held
+    target = _load_target(args)
+    if args.measure is not None:
+        sizes = [int(b) for b in args.measure.split(",") if b.strip()]
+        prompts = [target.render([m for m in d.messages if m["role"] != "assistant"][:1]) for d in dialogues[:64]]
+        prompts = [p for p in prompts if len(p) <= 256] or prompts
+        rows = measure_generation(target, prompts, sizes)
+        print(f"| batch | dtype | kernels | threads | tokens/s |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['batch_size']} | {r['dtype']} | {r['kernels']} | {torch.get_num_threads()} | "
+                  f"{r['tokens_per_s']:.1f} |")
+        return 0
+    summary = distill(target, dialogues, args.out, cfg, limit=args.limit)
+    print(json.dumps({**summary.__dict__, "tokens_per_s": round(summary.tokens_per_s, 1)}))
+    return 0
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -580,7 +630,7 @@ def cmd_card(args) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "curve": cmd_curve, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+COMMANDS = {"card": cmd_card, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
             "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost, "batch": cmd_batch}
 
 

@@ -1,0 +1,301 @@
+"""Self-distilled training dialogues: the target answers the user turns itself.
+
+Why: a draft has to predict the target's own text at decoding time, but ShareGPT answers
+were written by far larger models. Here the target writes every assistant turn of a
+dialogue (multi-turn dialogues continue with its own earlier answers), rendered with its
+own chat template, so `prepare` can then compute features over text the target really
+produces (EAGLE's paper, Table 6; SpecForge regenerates responses the same way).
+
+Generation is plain batched decoding through `transformers`' `generate` on the target's
+model as it is (left-padded prompts): on a CPU one forward over B rows reads the weights
+once, so tokens/s grow with B until the matrix products turn compute-bound
+(`measure_generation` finds the knee on the machine at hand). Speculative decoding would
+not help here: it trades extra compute per forward for fewer forwards, and batching has
+already spent the compute.
+
+Each dialogue is answered greedily or sampled (temperature `temperature`), chosen by a
+hash of its id so the choice is stable across restarts and growth; see `DistillConfig`.
+Output: a JSONL of `{"id", "messages", "mode", "stops", ...}` records that
+`hass.data.load_dialogues` (and so `python -m hass prepare --data`) reads unchanged. A
+record is appended (and flushed) only when all its turns are answered, so a killed run
+loses at most the dialogues in flight and a restart skips every id already written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Dialogue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the target answers.
+
+    max_new_tokens: cap per answer. 384 tokens hold nearly every complete answer of a 135M
+      chat model (most end with EOS well before) while a greedy repetition loop costs at
+      most 384 tokens; answers cut by the cap are kept (marked "length" in `stops`) and end
+      their dialogue.
+    max_len: a dialogue ends when its rendered prompt leaves no room for an answer under
+      this length (the length `prepare` truncates to).
+    sampled_fraction / temperature: the studio decodes at T = 0 by default and at T > 0 on
+      request; a quarter of the dialogues sampled at T = 1 shows the draft the contexts
+      that sampling reaches, while greedy text (the default decoding) keeps the majority.
+    """
+
+    max_new_tokens: int = 384
+    max_len: int = 1024
+    batch_size: int = 16
+    sampled_fraction: float = 0.25
+    temperature: float = 1.0
+    max_turns: int = 8
+    seed: int = 0
+
+    def validate(self) -> "DistillConfig":
+        if not 1 <= self.max_new_tokens <= 8192:
+            raise ValueError(f"max_new_tokens must be in [1, 8192], got {self.max_new_tokens}")
+        if self.max_len < 16:
+            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        if not 1 <= self.batch_size <= 512:
+            raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
+        if not 0.0 <= self.sampled_fraction <= 1.0:
+            raise ValueError(f"sampled_fraction must be in [0, 1], got {self.sampled_fraction}")
+        if not 0.0 < self.temperature <= 10.0:
+            raise ValueError(f"temperature must be in (0, 10], got {self.temperature}")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        return self
+
+    def mode_of(self, dialogue_id: str) -> str:
+        """'greedy' or 'sampled', from a hash of the id (stable under restarts and growth)."""
+        digest = hashlib.blake2b(f"distill:{self.seed}:{dialogue_id}".encode(), digest_size=8).digest()
+        return "sampled" if int.from_bytes(digest, "big") / 2.0 ** 64 < self.sampled_fraction else "greedy"
+
+
+@dataclass
+class _Conversation:
+    """One dialogue being answered: the user turns to answer and what has been said so far."""
+
+    source: Dialogue
+    mode: str
+    users: list[str]
+    system: list[dict]
+    said: list[dict] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    answer_tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def next_messages(self) -> list[dict]:
+        return self.system + self.said + [{"role": "user", "content": self.users[len(self.stops)]}]
+
+    def record(self) -> dict:
+        return {"id": self.source.id, "messages": self.system + self.said, "mode": self.mode,
+                "stops": self.stops, "answer_tokens": self.answer_tokens}
+
+
+@dataclass
+class DistillSummary:
+    dialogues: int = 0
+    answers: int = 0
+    new_tokens: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    total_dialogues: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate_batch(target, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   seed: int = 0) -> list[tuple[list[int], str]]:
+    """Plain decoding of several prompts at once (left-padded, one forward per token for the
+    whole batch). Returns per prompt (new token ids, "eos" | "length"); the EOS is kept."""
+    dev = target.device
+    pad = _pad_id(target)
+    ids, mask = _left_pad(prompts, pad)
+    width = ids.shape[1]
+    eos = sorted(target.eos_ids)
+    kwargs = dict(do_sample=False) if temperature == 0 else \
+        dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+    if temperature:
+        torch.manual_seed(seed)               # generate samples from torch's global generator
+    with torch.inference_mode():
+        out = target.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos, pad_token_id=pad, **kwargs)
+    results = []
+    eos_set = set(eos)
+    for row in out[:, width:].tolist():
+        cut = next((j for j, t in enumerate(row) if t in eos_set), None)
+        results.append((row[:cut + 1], "eos") if cut is not None else (row, "length"))
+    return results
+
+
+def _left_pad(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, W] ids left-padded with `pad` and the matching 0/1 attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _pad_id(target) -> int:
+    tok = target.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    return int(pad) if pad is not None else min(target.eos_ids)
+
+
+def _split_turns(d: Dialogue, max_turns: int) -> tuple[list[dict], list[str]]:
+    system = [m for m in d.messages[:1] if m["role"] == "system"]
+    users = [m["content"] for m in d.messages if m["role"] == "user"][:max_turns]
+    return system, users
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids already written to a distill JSONL; a torn last line (a kill mid-write) is cut off."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        log.warning("%s ended in a partial record (a killed run); cut it off", path)
+        data = data[:keep]
+    ids = set()
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            ids.add(json.loads(line)["id"])
+    return ids
+
+
+def distill(target, dialogues: Sequence[Dialogue], out_path: str | Path, cfg: DistillConfig = DistillConfig(),
+            limit: int | None = None, progress: bool = True) -> DistillSummary:
+    """Let the target answer the user turns of `dialogues[:limit]`; append records to `out_path`.
+
+    Rows of one `generate` call share a mode (greedy or sampled); conversations already in
+    progress go first so they finish and are written early.
+    """
+    cfg.validate()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_ids(out)
+    todo = [d for d in (dialogues[:limit] if limit is not None else dialogues) if d.id not in done]
+    summary = DistillSummary(total_dialogues=len(done))
+    queues: dict[str, deque[_Conversation]] = {"greedy": deque(), "sampled": deque()}
+    for d in todo:
+        system, users = _split_turns(d, cfg.max_turns)
+        if users:
+            mode = cfg.mode_of(d.id)
+            queues[mode].append(_Conversation(d, mode, users, system))
+    log.info("distilling %d dialogues into %s (%d already there; batch %d, cap %d tokens, %.0f%% sampled at T=%g)",
+             len(todo), out, len(done), cfg.batch_size, cfg.max_new_tokens, 100 * cfg.sampled_fraction,
+             cfg.temperature)
+    bar = tqdm(total=len(todo), desc="distill", unit="dlg", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    batch_index = 0
+    with open(out, "a", encoding="utf-8") as sink:
+        while queues["greedy"] or queues["sampled"]:
+            mode = max(queues, key=lambda m: len(queues[m]))
+            q = queues[mode]
+            rows: list[tuple[_Conversation, list[int]]] = []
+            while q and len(rows) < cfg.batch_size:
+                conv = q.popleft()
+                prompt = target.render(conv.next_messages())
+                if len(prompt) + 1 >= cfg.max_len:          # no room left for an answer
+                    conv.done = True
+                    _finish(conv, sink, summary, bar)
+                    continue
+                rows.append((conv, prompt))
+            if not rows:
+                continue
+            room = min(cfg.max_new_tokens, cfg.max_len - min(len(p) for _, p in rows))
+            temp = cfg.temperature if mode == "sampled" else 0.0
+            answers = generate_batch(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
+            batch_index += 1
+            for (conv, prompt), (ids, stop) in zip(rows, answers):
+                ids = ids[:max(cfg.max_len - len(prompt), 0)]
+                if stop == "eos" and (not ids or ids[-1] not in target.eos_ids):
+                    stop = "length"                         # the EOS fell beyond this row's room
+                if len(ids) >= cfg.max_new_tokens and stop != "eos":
+                    stop = "length"
+                summary.new_tokens += len(ids)
+                summary.answers += 1
+                text = target.decode(ids, skip_special_tokens=True).strip()
+                conv.said += [{"role": "user", "content": conv.users[len(conv.stops)]},
+                              {"role": "assistant", "content": text}]
+                conv.stops.append(stop)
+                conv.answer_tokens.append(len(ids))
+                if stop != "eos" or len(conv.stops) == len(conv.users) or not text:
+                    conv.done = True
+                    _finish(conv, sink, summary, bar)
+                else:
+                    q.appendleft(conv)                      # in progress: answered first next time
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(tok_s=f"{summary.new_tokens / max(elapsed, 1e-9):.0f}", answers=summary.answers)
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    summary.total_dialogues += summary.dialogues
+    log.info("distilled %d dialogues (%d answers, %d new tokens) in %.0fs: %.1f tokens/s; %s holds %d dialogues",
+             summary.dialogues, summary.answers, summary.new_tokens, summary.seconds, summary.tokens_per_s, out,
+             summary.total_dialogues)
+    return summary
+
+
+def _finish(conv: _Conversation, sink, summary: DistillSummary, bar) -> None:
+    """Append a finished conversation (if it has an answer) and flush it to disk."""
+    bar.update(1)
+    if not any(m["role"] == "assistant" and m["content"] for m in conv.said):
+        summary.skipped += 1
+        return
+    sink.write(json.dumps(conv.record(), ensure_ascii=False) + "\n")
+    sink.flush()
+    os.fsync(sink.fileno())
+    summary.dialogues += 1
+
+
+def measure_generation(target, prompts: Sequence[list[int]], batch_sizes: Sequence[int], new_tokens: int = 48,
+                       repeats: int = 1) -> list[dict]:
+    """Tokens/s of `generate_batch` per batch size (every row forced to `new_tokens` tokens
+    by asking for them without EOS stops), so the knee of the curve on this machine shows."""
+    rows = []
+    for b in batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+        generate_batch_fixed(target, batch[:1], 4)                       # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            generate_batch_fixed(target, batch, new_tokens)
+            best = min(best, time.perf_counter() - t)
+        rows.append({"batch_size": b, "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
+                     "new_tokens": b * new_tokens, "seconds": round(best, 3),
+                     "tokens_per_s": round(b * new_tokens / best, 1)})
+        log.info("batch %d: %.1f tokens/s", b, rows[-1]["tokens_per_s"])
+    return rows
+
+
+def generate_batch_fixed(target, prompts: Sequence[list[int]], new_tokens: int) -> None:
+    """Greedy decoding of exactly `new_tokens` per row (no EOS stop): the throughput probe."""
+    pad = _pad_id(target)
+    ids, mask = _left_pad(prompts, pad)
+    with torch.inference_mode():
+        target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+
+
+__all__ = ["DistillConfig", "DistillSummary", "distill", "done_ids", "generate_batch", "measure_generation"]
