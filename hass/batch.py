@@ -11,7 +11,7 @@
   as all-padding rows, as in static batching.
 * `sequential`: `speculative_generate` for each prompt one after another.
 
-Every sample keeps its own stop rules (the same `_Emitter` as batch 1), its own sampling
+Every sample keeps its own stop rules (the same `Emitter` as batch 1), its own sampling
 generator (seed `seeds[i]`, by default cfg.seed + i, consumed in the same order as batch 1)
 and its own `Step` events, so `summarize` works per sample. Prompts are taken in groups of
 `batch_size` (static batches); a group ends when all its samples have stopped.
@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 from .batch_draft import ExtendItem, GrowItem, make_drafter
-from .decode import GenerationConfig, _check_prompt, _Clock, _Emitter, _event_tree, _first_token, speculative_generate
+from .decode import GenerationConfig, speculative_generate
 from .drafting import TreeTensors
+from .propose import Proposer
+from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources
 from .events import Step, summarize
 from .packed import PackedCache, PackedPlan, Segment, packed_forward
 from .target import LAST, Target
@@ -114,7 +116,7 @@ def batch_generate(target: Target, draft: torch.nn.Module, prompts: Sequence[lis
     if draft.config.hidden_size != target.hidden_size:
         raise ValueError(f"draft hidden size {draft.config.hidden_size} does not match the target's "
                          f"{target.hidden_size}")
-    ids = [_check_prompt(target, p)[0] for p in prompts]
+    ids = [check_prompt(target, p)[0] for p in prompts]
     seeds = [cfg.seed + i for i in range(len(ids))] if seeds is None else list(seeds)
     if len(seeds) != len(ids):
         raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
@@ -168,11 +170,17 @@ class _Sample:
 
     index: int                  # position in the input
     prompt: torch.Tensor        # [p]
-    emitter: _Emitter
+    emitter: Emitter
     gen: torch.Generator
     n: int = 0                  # tokens in the target cache (prompt + accepted so far)
     root: int = 0               # the next token, not yet in the cache
     done: bool = False
+    emitted: list[int] = field(default_factory=list)   # tokens after the prompt (the lookup source reads them)
+
+    @property
+    def history(self) -> torch.Tensor:
+        """Prompt + emitted tokens (ending with the root): what the lookup source searches."""
+        return torch.cat((self.prompt.cpu(), torch.tensor(self.emitted, dtype=torch.long)))
 
     def depth(self, cfg: GenerationConfig, max_len: int) -> int:
         """Tree depth limit, exactly as batch 1: the bonus must fit the context and the budget."""
@@ -181,7 +189,7 @@ class _Sample:
 
 def _samples(target: Target, idx: list[int], ids: list[torch.Tensor], cfg: GenerationConfig,
              seeds: list[int]) -> list[_Sample]:
-    return [_Sample(i, p, _Emitter(target, cfg, int(p.shape[0])), torch.Generator().manual_seed(s), n=int(p.shape[0]))
+    return [_Sample(i, p, Emitter(target, cfg, int(p.shape[0])), torch.Generator().manual_seed(s), n=int(p.shape[0]))
             for i, p, s in zip(idx, ids, seeds)]
 
 
@@ -195,15 +203,28 @@ def _verdict(cfg: GenerationConfig, tree: TreeTensors, anc: torch.Tensor, logits
 def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict, logits: torch.Tensor) -> Step:
     path = verdict.path
     new = tree.tokens[torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)].tolist() + [verdict.bonus]
-    sources = [f"draft@{d}" for d in range(1, len(path))] + ["bonus"]
-    return s.emitter.step("speculative", _event_tree(tree), path, new, sources, verdict.probs,
+    return s.emitter.step("speculative", event_tree(tree), path, new, path_sources(tree, path), verdict.probs,
                           {"draft": 0.0, "verify": 0.0, "other": 0.0}, logits.argmax(-1).tolist())
 
 
-def _grow(drafter, samples, live: list[int], cfg: GenerationConfig, max_length: int) -> dict:
-    """One cycle's draft trees for the live samples (each at its own position and depth)."""
-    return drafter.grow([GrowItem(r, samples[r].root, samples[r].n, samples[r].depth(cfg, max_length))
-                         for r in live], cfg.tree)
+def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: GenerationConfig, max_length: int,
+           clock: Clock) -> tuple[dict[int, TreeTensors], float, float]:
+    """One cycle's trees for the live samples (each at its own position and depth): the
+    draft pools in one batched growth, then each sample's lookup merge and cut, exactly as
+    batch 1 does (`Proposer.tree`). Returns the trees, the growth and the whole draft time."""
+    depths = {r: samples[r].depth(cfg, max_length) for r in live}
+    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, depths[r]) for r in live], cfg.tree.top_k,
+                         proposer.growth_limit)
+    t_grow = clock.lap()
+    share = t_grow / max(len(live), 1)
+    trees = {r: proposer.tree(pools[r], samples[r].history, share, depths[r]) for r in live}
+    return trees, t_grow, t_grow + clock.lap()
+
+
+def _observe(proposer: Proposer, trees, verdicts, t_verify: float, t_grow: float) -> None:
+    k = max(len(verdicts), 1)
+    for r, v in verdicts.items():
+        proposer.observe(trees[r], v.path, t_verify / k, t_grow / k)
 
 
 def _share(steps: dict[int, Step], draft: float, verify: float, other: float) -> None:
@@ -228,8 +249,9 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
     samples = _samples(target, idx, ids, cfg, seeds)
     rows = list(range(len(samples)))
     drafter = make_drafter(draft, target.embed_tokens, target.lm_head, len(samples), drafting)
+    proposer = Proposer.for_generation(target, cfg)
     cache = PackedCache(len(samples))
-    clock = _Clock(dev)
+    clock = Clock(dev)
     t_start = time.perf_counter()
 
     # prefill: all prompts packed as they are, each causal over itself
@@ -245,7 +267,8 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
     t_verify = clock.lap()
     steps: dict[int, Step] = {}
     for r, s in zip(rows, samples):
-        s.root, p = _first_token(logits[r], cfg.sampling, s.gen)
+        s.root, p = first_token(logits[r], cfg.sampling, s.gen)
+        s.emitted.append(s.root)
         st = s.emitter.step("prefill", None, [], [s.root], ["target"], [p], {"draft": 0.0, "verify": 0.0, "other": 0.0})
         steps[s.index] = st
         s.done = st.stop_reason is not None
@@ -264,8 +287,7 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
             return
         cycle += 1
         t_start = time.perf_counter()
-        trees = _grow(drafter, samples, live, cfg, target.max_length)
-        t_draft = clock.lap()
+        trees, t_grow, t_draft = _trees(drafter, proposer, samples, live, cfg, target.max_length, clock)
         segs, start, ancs = [], 0, {}
         for r in live:
             tree, n = trees[r], samples[r].n
@@ -282,6 +304,7 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
             r: (logits[seg.start:seg.start + seg.length], feats[seg.start:seg.start + seg.length])
             for r, seg in zip(live, segs)})
         cache.keep(live, [torch.tensor(verdicts[r].path) for r in live])
+        _observe(proposer, trees, verdicts, t_verify, t_grow)
         t_other = clock.lap()
         drafter.extend(extend)
         t_draft += clock.lap()
@@ -311,6 +334,7 @@ def _advance(samples, verdicts, steps) -> None:
         s = samples[r]
         s.n += len(verdict.path)
         s.root = verdict.bonus
+        s.emitted += steps[s.index].new_tokens
         s.done = steps[s.index].stop_reason is not None
 
 
@@ -327,8 +351,9 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
     B = len(samples)
     rows = list(range(B))
     drafter = make_drafter(draft, target.embed_tokens, target.lm_head, B, drafting)
+    proposer = Proposer.for_generation(target, cfg)
     cache = target.new_cache()
-    clock = _Clock(dev)
+    clock = Clock(dev)
     t_start = time.perf_counter()
 
     # prefill: prompts left-padded to the longest; pad slots stay in the cache, masked forever
@@ -347,7 +372,8 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
     t_verify = clock.lap()
     steps: dict[int, Step] = {}
     for r, s in zip(rows, samples):
-        s.root, p = _first_token(logits[r, -1], cfg.sampling, s.gen)
+        s.root, p = first_token(logits[r, -1], cfg.sampling, s.gen)
+        s.emitted.append(s.root)
         st = s.emitter.step("prefill", None, [], [s.root], ["target"], [p], {"draft": 0.0, "verify": 0.0, "other": 0.0})
         steps[s.index] = st
         s.done = st.stop_reason is not None
@@ -367,8 +393,7 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
             return
         cycle += 1
         t_start = time.perf_counter()
-        trees = _grow(drafter, samples, live, cfg, target.max_length)
-        t_draft = clock.lap()
+        trees, t_grow, t_draft = _trees(drafter, proposer, samples, live, cfg, target.max_length, clock)
         N = max(int(trees[r].tokens.shape[0]) for r in live)
         inp = torch.full((B, N), PAD_ID, dtype=torch.long, device=dev)
         pos = torch.zeros((B, N), dtype=torch.long, device=dev)
@@ -400,6 +425,7 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
         _align(cache, L, src)
         valid = torch.cat((valid, new_valid), 1)
         L += K
+        _observe(proposer, trees, verdicts, t_verify, t_grow)
         t_other = clock.lap()
         drafter.extend(extend)
         t_draft += clock.lap()

@@ -7,23 +7,23 @@ per sample. The draft KV is unpadded like the target's (`SlotStore`): each sampl
 own valid length, tree nodes are written after it as scratch, and each sample's queries
 attend only to its own slots.
 
-The tree logic is EAGLE-2 exactly as `hass.drafting.Drafter.grow` does it (same pure
-functions from `hass.tree`, same order of candidates), per sample; `LoopDrafter` keeps one
+The tree logic is `hass.candidates.Growth`, the same object `hass.drafting.Drafter.grow`
+drives for batch 1 (only the KV layout differs), per sample; `LoopDrafter` keeps one
 `Drafter` per sample behind the same interface, for draft modules that are not a
 `DraftHead` (test doubles) and as the reference the batched one is tested against.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .draft import DraftHead, OutputHead
-from .drafting import Drafter, TreeTensors
+from .candidates import Growth, Pool
+from .drafting import Drafter
 from .kernels import follow_target
 from .packed import PackedPlan, Segment, SlotStore
-from .tree import TreeConfig, best, expand, remap_parents
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,6 @@ class GrowItem:
     depth: int
 
 
-def _root_only(root: int, dev: torch.device) -> TreeTensors:
-    z = torch.zeros(1, device=dev)
-    return TreeTensors(torch.tensor([root], device=dev), torch.tensor([-1], device=dev),
-                       torch.zeros(1, dtype=torch.long, device=dev), z, torch.ones(1, device=dev))
-
-
 class LoopDrafter:
     """One batch-1 `Drafter` per sample: works with any draft module."""
 
@@ -62,36 +56,9 @@ class LoopDrafter:
         for it in items:
             self.drafters[it.row].extend(it.features[None], it.tokens[None], it.start)
 
-    def grow(self, items: Sequence[GrowItem], cfg: TreeConfig) -> dict[int, TreeTensors]:
-        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, cfg, it.depth) for it in items}
-
-
-@dataclass
-class _Tree:
-    """One sample's EAGLE-2 growth state (the locals of `Drafter.grow`)."""
-
-    row: int
-    root: int
-    prefix: int
-    depth: int
-    toks: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    local: list[torch.Tensor]
-    parents: list[torch.Tensor]
-    depths: list[torch.Tensor]
-    frontier: torch.Tensor
-    front_feat: torch.Tensor
-    front_anc: torch.Tensor
-    n_cand: int
-    written: int = 0          # tree nodes already in the draft store after `prefix`
-
-    @property
-    def all_tok(self) -> torch.Tensor:
-        return torch.cat(self.toks)
-
-    @property
-    def all_score(self) -> torch.Tensor:
-        return torch.cat(self.scores)
+    def grow(self, items: Sequence[GrowItem], top_k: int,
+             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> dict[int, Pool]:
+        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, keep_growing) for it in items}
 
 
 class BatchDrafter:
@@ -156,78 +123,53 @@ class BatchDrafter:
             self.last_out[it.row] = out[seg.start + seg.length - 1]
 
     @torch.inference_mode()
-    def grow(self, items: Sequence[GrowItem], cfg: TreeConfig) -> dict[int, TreeTensors]:
-        """EAGLE-2 per sample (see `Drafter.grow`), every depth one packed forward and one
-        lm_head GEMM for all samples still growing."""
-        out_trees: dict[int, TreeTensors] = {}
+    def grow(self, items: Sequence[GrowItem], top_k: int,
+             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> dict[int, Pool]:
+        """EAGLE-2 growth per sample (`hass.candidates.Growth`, as batch 1), every depth one
+        packed forward and one lm_head GEMM for all samples still growing."""
+        pools: dict[int, Pool] = {}
         dev = self.last_out.device if self.last_out is not None else torch.device("cpu")
         live = []
         for it in items:
             if it.prefix != self.lengths[it.row]:
                 raise AssertionError(f"row {it.row}: tree at {it.prefix} but the draft holds {self.lengths[it.row]}")
             if it.depth <= 0:
-                out_trees[it.row] = _root_only(it.root, dev)
+                pools[it.row] = Pool.empty(it.root, dev)
             else:
                 live.append(it)
         if not live:
-            return out_trees
-        k = cfg.top_k
+            return pools
         rows = torch.tensor([it.row for it in live], device=dev)
         first = self.log_probs(self.last_out[rows])                      # [S, V]: one GEMM
-        trees: list[_Tree] = []
-        for i, it in enumerate(live):
-            tok, score, _ = expand(torch.zeros(1, device=dev), first[i:i + 1], k)
-            tok = self.head.to_target(tok)
-            trees.append(_Tree(
-                row=it.row, root=it.root, prefix=it.prefix, depth=it.depth, toks=[tok], scores=[score],
-                local=[score], parents=[torch.full_like(tok, -1)], depths=[torch.ones_like(tok)],
-                frontier=torch.arange(tok.shape[0], device=dev),
-                front_feat=self.last_out[it.row:it.row + 1].expand(tok.shape[0], -1),
-                front_anc=torch.zeros(tok.shape[0], 0, dtype=torch.bool, device=dev), n_cand=int(tok.shape[0])))
-        for d in range(1, max(t.depth for t in trees)):
-            growing = [t for t in trees if t.depth > d]
-            segs, start, node_ancs = [], 0, []
-            for t in growing:
-                kf = int(t.frontier.shape[0])
-                self_mask = torch.eye(kf, dtype=torch.bool, device=dev)
-                block = torch.cat((t.front_anc, self_mask), 1)
-                segs.append(Segment(t.row, start, kf, t.prefix, t.prefix + t.written + kf, block))
-                node_ancs.append(block)
+        growths = [Growth(it.root, it.prefix, it.depth, top_k, self.last_out[it.row], first[i], self.head.to_target)
+                   for i, it in enumerate(live)]
+        rows_of = {id(g): it.row for g, it in zip(growths, live)}
+        while True:
+            growing = [g for g in growths if g.grown < g.depth and (keep_growing is None or
+                                                                     keep_growing(g.frontier_scores()))]
+            for g in growths:
+                if g not in growing:
+                    g.depth = g.grown                  # stopped: never resumed in a later round
+            if not growing:
+                break
+            segs, start, blocks, feats, toks, pos = [], 0, [], [], [], []
+            for g in growing:
+                f, t, block, p = g.frontier_inputs()
+                kf = int(t.shape[0])
+                segs.append(Segment(rows_of[id(g)], start, kf, g.prefix, g.prefix + g.written + kf, block))
+                blocks.append(block)
+                feats.append(f)
+                toks.append(t)
+                pos.append(torch.full((kf,), p, device=dev))
                 start += kf
-            feats = torch.cat([t.front_feat for t in growing])
-            toks = torch.cat([t.all_tok[t.frontier] for t in growing])
-            pos = torch.cat([torch.full((int(t.frontier.shape[0]),), t.prefix + d - 1, device=dev) for t in growing])
-            out = self._forward(segs, feats, toks, pos)
+            out = self._forward(segs, torch.cat(feats), torch.cat(toks), torch.cat(pos))
             lp_all = self.log_probs(out)                                 # one GEMM for all samples
-            for t, seg, node_anc in zip(growing, segs, node_ancs):
-                o = out[seg.start:seg.start + seg.length]
-                lp = lp_all[seg.start:seg.start + seg.length]
-                t.written += seg.length
-                all_score = t.all_score
-                ctok, cscore, crow = expand(all_score[t.frontier], lp, k)
-                ctok = self.head.to_target(ctok)
-                t.toks.append(ctok)
-                t.scores.append(cscore)
-                t.local.append(cscore - all_score[t.frontier][crow])
-                t.parents.append(t.frontier[crow])
-                t.depths.append(torch.full_like(ctok, d + 1))
-                pick = best(cscore, k)
-                t.frontier = t.n_cand + pick
-                t.front_feat = o[crow[pick]]
-                t.front_anc = node_anc[crow[pick]]
-                t.n_cand += int(ctok.shape[0])
-        for t in trees:
-            all_tok, all_score = t.all_tok, t.all_score
-            cand_parents, cand_depths, cand_local = torch.cat(t.parents), torch.cat(t.depths), torch.cat(t.local)
-            sel = best(all_score, cfg.total_tokens - 1)
-            out_trees[t.row] = TreeTensors(
-                tokens=torch.cat((torch.tensor([t.root], device=dev), all_tok[sel])),
-                parents=remap_parents(sel, cand_parents),
-                depths=torch.cat((torch.zeros(1, dtype=torch.long, device=dev), cand_depths[sel])),
-                logp=torch.cat((torch.zeros(1, device=dev), all_score[sel])),
-                prob=torch.cat((torch.ones(1, device=dev), cand_local[sel].exp())),
-            )
-        return out_trees
+            for g, seg, block in zip(growing, segs, blocks):
+                sl = slice(seg.start, seg.start + seg.length)
+                g.advance(out[sl], lp_all[sl], block)
+        for g, it in zip(growths, live):
+            pools[it.row] = g.pool()
+        return pools
 
 
 def make_drafter(draft: torch.nn.Module, embed: torch.nn.Module, lm_head: torch.nn.Module, rows: int,

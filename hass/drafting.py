@@ -1,4 +1,4 @@
-"""The drafting side: the draft head's own cache, its extend step and EAGLE-2 tree growth.
+"""The drafting side: the draft head's own cache, its extend step and EAGLE-2 growth over it.
 
 Position convention (shared with training): the pair (f_t, x_{t+1}) sits at rotary
 position t. A tree node at depth d (sequence position n + d) is expanded as the pair
@@ -6,6 +6,7 @@ position t. A tree node at depth d (sequence position n + d) is expanded as the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,19 +14,26 @@ import torch
 from .cache import KV, append_kv
 from .draft import DraftHead, OutputHead
 from .kernels import follow_target
-from .tree import TreeConfig, best, expand, remap_parents
+from .candidates import Growth, Pool
 
 
 @dataclass(frozen=True)
 class TreeTensors:
-    """A drafted tree, root first, topological: tokens, parents (-1 root), depths,
-    cumulative draft log-prob and the draft probability of each node given its parent."""
+    """A tree to verify, root first, topological: tokens, parents (-1 root), depths,
+    cumulative draft log-prob, the draft probability of each node given its parent, and
+    (when cut from a candidate pool) each node's origin bits, pool index and value."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     logp: torch.Tensor
     prob: torch.Tensor
+    origin: torch.Tensor | None = None
+    pool_index: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    expected: float = 0.0
+    rule: str = ""
+    pool: Pool | None = None
 
 
 class Drafter:
@@ -53,54 +61,24 @@ class Drafter:
         self.last_out = out[:, -1:]
 
     @torch.inference_mode()
-    def grow(self, root_token: int, prefix_len: int, cfg: TreeConfig, depth: int) -> TreeTensors:
-        """EAGLE-2: expand the top_k frontier per depth, then keep the best total_tokens - 1."""
+    def grow(self, root_token: int, prefix_len: int, top_k: int, depth: int,
+             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> Pool:
+        """EAGLE-2 growth (`hass.candidates.Growth`) over this draft's cache: every candidate
+        of up to `depth` depths; `keep_growing(frontier scores)` may stop it earlier."""
         dev = self.last_out.device
-        root = torch.tensor([root_token], device=dev)
         if depth <= 0:
-            z = torch.zeros(1, device=dev)
-            return TreeTensors(root, torch.tensor([-1], device=dev), torch.zeros(1, dtype=torch.long, device=dev),
-                               z, torch.ones(1, device=dev))
-        k = cfg.top_k
-        tok, score, _ = expand(torch.zeros(1, device=dev), self.log_probs(self.last_out[0]), k)
-        tok = self.head.to_target(tok)
-        toks, scores, local, parents = [tok], [score], [score], [torch.full_like(tok, -1)]
-        depths = [torch.ones_like(tok)]
-        frontier = torch.arange(tok.shape[0], device=dev)          # candidate indices
-        front_feat = self.last_out[0].expand(tok.shape[0], -1)    # f^ of each frontier node's parent
-        front_anc = torch.zeros(tok.shape[0], 0, dtype=torch.bool, device=dev)  # rows over expanded nodes
+            return Pool.empty(root_token, dev)
+        root_out = self.last_out[0, 0]
+        g = Growth(root_token, prefix_len, depth, top_k, root_out, self.log_probs(root_out[None])[0],
+                   self.head.to_target)
         tree_kv: KV | None = None
-        n_cand = tok.shape[0]
-        all_tok, all_score = tok, score
-        for d in range(1, depth):
-            kf = frontier.shape[0]
-            self_mask = torch.eye(kf, dtype=torch.bool, device=dev)
-            mask = torch.cat((torch.ones(kf, prefix_len, dtype=torch.bool, device=dev), front_anc, self_mask), 1)
+        while g.grown < depth and (keep_growing is None or keep_growing(g.frontier_scores())):
+            feat, toks, block, pos = g.frontier_inputs()
+            kf = int(toks.shape[0])
+            mask = torch.cat((torch.ones(kf, prefix_len, dtype=torch.bool, device=dev), block), 1)
             past = self.kv if tree_kv is None else append_kv(self.kv, tree_kv)
-            pos = torch.full((1, kf), prefix_len + d - 1, device=dev)
-            out, kv = self.draft(front_feat[None], self.embed(all_tok[frontier])[None], pos, past, mask[None, None])
+            out, kv = self.draft(feat[None], self.embed(toks)[None], torch.full((1, kf), pos, device=dev), past,
+                                 mask[None, None])
             tree_kv = append_kv(tree_kv, kv)
-            node_anc = torch.cat((front_anc, self_mask), 1)          # ancestors incl. self, over expanded nodes
-            lp = self.log_probs(out[0])
-            ctok, cscore, rows = expand(all_score[frontier], lp, k)
-            ctok = self.head.to_target(ctok)
-            toks.append(ctok)
-            scores.append(cscore)
-            local.append(cscore - all_score[frontier][rows])
-            parents.append(frontier[rows])
-            depths.append(torch.full_like(ctok, d + 1))
-            pick = best(cscore, k)
-            frontier = n_cand + pick
-            front_feat = out[0][rows[pick]]
-            front_anc = node_anc[rows[pick]]
-            n_cand += ctok.shape[0]
-            all_tok, all_score = torch.cat(toks), torch.cat(scores)
-        cand_parents, cand_depths, cand_local = torch.cat(parents), torch.cat(depths), torch.cat(local)
-        sel = best(all_score, cfg.total_tokens - 1)
-        return TreeTensors(
-            tokens=torch.cat((root, all_tok[sel])),
-            parents=remap_parents(sel, cand_parents),
-            depths=torch.cat((torch.zeros(1, dtype=torch.long, device=dev), cand_depths[sel])),
-            logp=torch.cat((torch.zeros(1, device=dev), all_score[sel])),
-            prob=torch.cat((torch.ones(1, device=dev), cand_local[sel].exp())),
-        )
+            g.advance(out[0], self.log_probs(out[0]), block)
+        return g.pool()

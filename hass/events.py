@@ -17,6 +17,9 @@ class DraftTree:
     depths: list[int]
     logp: list[float]       # cumulative draft log-prob (0 for the root)
     prob: list[float]       # draft probability of the node given its parent (1 for the root)
+    origin: list[str] = field(default_factory=list)   # per node: "root" | "draft" | "lookup" | "both"
+    rule: str = ""          # how the size was chosen: "fitted" (per step, for this machine) | "fixed"
+    expected: float = 0.0   # tokens this step was expected to yield (calibrated), incl. the bonus
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -70,7 +70,7 @@ def draft_costs(target: Target, draft: DraftHead, prefix: int, depths: list[int]
             def run():
                 drafter.kv = base_kv
                 drafter.extend(feats[:, -3:], toks[:, -3:], prefix - 3)
-                drafter.grow(int(toks[0, -1]), prefix, tree, d)
+                drafter.grow(int(toks[0, -1]), prefix, tree.top_k, d)
             run()
             out[(d, k)] = median_time(run, repeats, dev)
     return out

@@ -14,6 +14,7 @@ import hass.decode
 from hass.cache import compact
 from hass.decode import GenerationConfig, speculative_generate
 from hass.drafting import Drafter
+from hass.propose import Proposer
 from hass.tree import TreeConfig, ancestor_mask, depths_of, verify_mask
 
 ATOL = 1e-5
@@ -202,6 +203,6 @@ def test_draft_extend_in_chunks_equals_all_at_once(tiny_target, random_draft, pr
     torch.testing.assert_close(parts.kv[1], whole.kv[1], atol=ATOL, rtol=0)
     torch.testing.assert_close(parts.last_out, whole.last_out, atol=ATOL, rtol=0)
     # the tree grown from either state is the same
-    a = parts.grow(seq[12], 12, TreeConfig(20, 4, 4), 4)
-    b = whole.grow(seq[12], 12, TreeConfig(20, 4, 4), 4)
+    a = Proposer.fixed(20).tree(parts.grow(seq[12], 12, 4, 4))
+    b = Proposer.fixed(20).tree(whole.grow(seq[12], 12, 4, 4))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)

@@ -14,6 +14,7 @@ import torch
 
 from hass.draft import new_draft
 from hass.drafting import Drafter
+from hass.propose import Proposer
 from hass.tree import TreeConfig, ancestor_mask, best, depths_of, expand, leaves, paths, remap_parents, verify_mask
 
 
@@ -223,7 +224,7 @@ def test_grow_matches_step_by_step_eagle2(tiny_target, peaked_draft, prompts, cf
     prompt = prompts(1, tiny_target.vocab_size, 5 + 9 * prompt_seed, 5 + 9 * prompt_seed, seed=prompt_seed)[0]
     drafter, root = _prepared_drafter(tiny_target, peaked_draft, prompt)
     n = len(prompt)
-    tree = drafter.grow(root, n, cfg, depth)
+    tree = Proposer.fixed(cfg.total_tokens).tree(drafter.grow(root, n, cfg.top_k, depth))
     toks, par, dep = tree.tokens.tolist(), tree.parents.tolist(), tree.depths.tolist()
     N = len(toks)
 
@@ -263,7 +264,7 @@ def test_grow_matches_step_by_step_eagle2(tiny_target, peaked_draft, prompts, cf
 def test_grow_with_depth_zero_is_root_only(tiny_target, peaked_draft, prompts):
     prompt = prompts(1, tiny_target.vocab_size, 6, 6, seed=3)[0]
     drafter, root = _prepared_drafter(tiny_target, peaked_draft, prompt)
-    tree = drafter.grow(root, len(prompt), TreeConfig(60, 6, 10), 0)
+    tree = Proposer.fixed(60).tree(drafter.grow(root, len(prompt), 10, 0))
     assert tree.tokens.tolist() == [root] and tree.parents.tolist() == [-1] and tree.depths.tolist() == [0]
 
 
@@ -272,7 +273,7 @@ def test_grow_does_not_touch_the_real_draft_cache(tiny_target, peaked_draft, pro
     drafter, root = _prepared_drafter(tiny_target, peaked_draft, prompt)
     k, v = drafter.kv[0].clone(), drafter.kv[1].clone()
     out = drafter.last_out.clone()
-    a = drafter.grow(root, len(prompt), TreeConfig(60, 6, 10), 6)
-    b = drafter.grow(root, len(prompt), TreeConfig(60, 6, 10), 6)
+    a = Proposer.fixed(60).tree(drafter.grow(root, len(prompt), 10, 6))
+    b = Proposer.fixed(60).tree(drafter.grow(root, len(prompt), 10, 6))
     assert torch.equal(drafter.kv[0], k) and torch.equal(drafter.kv[1], v) and torch.equal(drafter.last_out, out)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)

@@ -1,0 +1,233 @@
+"""How many tree nodes to verify, chosen per step for the machine at hand.
+
+A verify forward over N nodes costs c(N) seconds here (`CostModel`: the curve measured once
+per device / threads / kernels / dtype / model and cached, rescaled online by the verify
+times actually seen, which follow the context as it grows and the machine's load). Node i
+is on the accepted path with probability v_i (`Calibrator`: the draft's cumulative
+probability and the node's place on the lookup chain, mapped to what was actually
+accepted, learned online from every verified tree). A tree made of the n best nodes yields
+E(n) = 1 + v_(1) + ... + v_(n) tokens in expectation (at most one node per depth is on the
+path, so the expectations add), and the step takes t_draft + c(n + 1). `Fitter.select`
+keeps the n that maximises E(n) / (t_draft + c(n + 1)): expected tokens per second.
+
+With an explicit `total_tokens` the cut is fixed instead (EAGLE-2: the best total - 1),
+and without lookup nodes the order is exactly EAGLE-2's (v is monotone in the draft
+score, ties broken by the score itself).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .candidates import DRAFT, LOOKUP, Pool
+
+log = logging.getLogger(__name__)
+
+# draft log-prob bin edges (descending): bin b holds scores in (EDGES[b], EDGES[b-1]]
+DRAFT_EDGES = (-0.05, -0.15, -0.3, -0.5, -0.8, -1.2, -1.7, -2.3, -3.0, -4.0, -5.5, -8.0)
+COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+COST_PREFIX = 128
+
+
+class Calibrator:
+    """P(node on the accepted path), per draft-score bin and per lookup-chain place, from
+    counts seen so far (a Beta prior centred on the draft's own probability, or on a
+    halving per lookup place, worth `prior` observations). Monotone by construction: a
+    lower score or a deeper lookup place never gets a higher value."""
+
+    def __init__(self, prior: float = 4.0, max_lookup: int = 64):
+        edges = torch.tensor(DRAFT_EDGES, dtype=torch.float64)
+        upper = torch.cat((torch.zeros(1, dtype=torch.float64), edges))
+        lower = torch.cat((edges, edges[-1:] - 4.0))
+        self.edges = edges
+        self.d_prior = ((upper + lower) / 2).exp()
+        self.d_off = torch.zeros_like(self.d_prior)
+        self.d_acc = torch.zeros_like(self.d_prior)
+        self.l_prior = 0.5 ** torch.arange(1, max_lookup + 2, dtype=torch.float64)
+        self.l_off = torch.zeros_like(self.l_prior)
+        self.l_acc = torch.zeros_like(self.l_prior)
+        self.prior = prior
+
+    def _draft_bins(self, score: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(-score.double().cpu(), -self.edges, right=False)
+
+    def _rates(self, acc, off, prior) -> torch.Tensor:
+        r = (acc + self.prior * prior) / (off + self.prior)
+        return torch.cummin(r, 0).values
+
+    def draft_values(self, score: torch.Tensor) -> torch.Tensor:
+        return self._rates(self.d_acc, self.d_off, self.d_prior)[self._draft_bins(score)]
+
+    def values(self, pool: Pool) -> torch.Tensor:
+        """v per candidate (float64, CPU), capped so a child never exceeds its parent."""
+        if len(pool) == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        origin = pool.origin.cpu()
+        v = torch.zeros(len(pool), dtype=torch.float64)
+        d = (origin & DRAFT) > 0
+        v[d] = self.draft_values(pool.score.cpu()[d])
+        lk = (origin & LOOKUP) > 0
+        if lk.any():
+            places = pool.lookup_depth.cpu()[lk].clamp(1, self.l_prior.shape[0]) - 1
+            v[lk] = torch.maximum(v[lk], self._rates(self.l_acc, self.l_off, self.l_prior)[places])
+        parents, depths = pool.parents.cpu(), pool.depths.cpu()
+        for depth in range(2, int(depths.max()) + 1):          # parents first: depth by depth
+            rows = (depths == depth).nonzero().flatten()
+            v[rows] = torch.minimum(v[rows], v[parents[rows]])
+        return v
+
+    def update(self, pool: Pool, chosen: torch.Tensor, on_path: torch.Tensor) -> None:
+        """Count the verified candidates (`chosen`, pool indices) and which were accepted."""
+        if chosen.numel() == 0:
+            return
+        chosen, hit = chosen.cpu(), on_path.cpu().double()
+        origin = pool.origin.cpu()[chosen]
+        d = (origin & DRAFT) > 0
+        if d.any():
+            bins = self._draft_bins(pool.score.cpu()[chosen][d])
+            self.d_off.index_add_(0, bins, torch.ones_like(hit[d]))
+            self.d_acc.index_add_(0, bins, hit[d])
+        lk = (origin & LOOKUP) > 0
+        if lk.any():
+            places = pool.lookup_depth.cpu()[chosen][lk].clamp(1, self.l_prior.shape[0]) - 1
+            self.l_off.index_add_(0, places, torch.ones_like(hit[lk]))
+            self.l_acc.index_add_(0, places, hit[lk])
+
+
+@dataclass
+class CostModel:
+    """Seconds of a verify forward over n nodes: the measured curve times an online scale,
+    and the seconds of one draft depth, both followed with moving averages."""
+
+    curve: dict[int, float]
+    scale: float = 1.0
+    level_s: float | None = None
+    rate: float | None = None          # tokens per second of recent steps
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        self._n = torch.tensor(sorted(self.curve), dtype=torch.float64)
+        self._t = torch.tensor([self.curve[k] for k in sorted(self.curve)], dtype=torch.float64)
+
+    def verify(self, n: torch.Tensor | int) -> torch.Tensor:
+        """Interpolated (linearly; extrapolated from the last two points beyond the curve)."""
+        n = torch.as_tensor(n, dtype=torch.float64)
+        xs, ys = self._n, self._t
+        if xs.numel() == 1:
+            return ys[0] * n / xs[0] * self.scale
+        i = torch.searchsorted(xs, n.clamp(min=float(xs[0]))).clamp(1, xs.numel() - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return (y0 + (n - x0) * (y1 - y0) / (x1 - x0)).clamp(min=float(ys[0]) * 0.5) * self.scale
+
+    def observe(self, nodes: int, verify_s: float, levels: int, draft_s: float, tokens: int) -> None:
+        if verify_s > 0:
+            ratio = verify_s / float(self.verify(nodes) / self.scale)
+            self.scale += self.alpha * (ratio - self.scale)
+        if levels > 0 and draft_s > 0:
+            per = draft_s / levels
+            self.level_s = per if self.level_s is None else self.level_s + self.alpha * (per - self.level_s)
+        total = verify_s + draft_s
+        if total > 0:
+            r = tokens / total
+            self.rate = r if self.rate is None else self.rate + self.alpha * (r - self.rate)
+
+
+@dataclass
+class Choice:
+    """What `Fitter.select` decided: the pool indices kept (ascending = topological), the
+    node values, the expected tokens of the step and the rule used."""
+
+    selected: torch.Tensor
+    values: torch.Tensor
+    expected: float
+    rule: str
+
+
+@dataclass
+class Fitter:
+    """The per-step size chooser of one generation (or one batch): calibration + costs."""
+
+    cost: CostModel
+    calibrator: Calibrator = field(default_factory=Calibrator)
+    max_nodes: int = 64
+
+    def keep_growing(self, frontier_scores: torch.Tensor) -> bool:
+        """Another draft depth can add at most the frontier's summed values in tokens; worth
+        it only if that beats what the depth costs at the recent rate."""
+        if self.cost.level_s is None or self.cost.rate is None:
+            return True
+        gain = float(self.calibrator.draft_values(frontier_scores).sum())
+        return gain > self.cost.level_s * self.cost.rate
+
+    def select(self, pool: Pool, total_tokens: int | None, draft_s: float = 0.0) -> Choice:
+        """The nodes to verify: the best `total_tokens - 1` (fixed), or the count that
+        maximises expected tokens per second (`total_tokens` None: fitted, up to max_nodes)."""
+        v = self.calibrator.values(pool)
+        if len(pool) == 0:
+            return Choice(torch.zeros(0, dtype=torch.long), v, 1.0, "fixed" if total_tokens else "fitted")
+        order = torch.sort(-pool.score.double().cpu(), stable=True).indices
+        order = order[torch.sort(-v[order], stable=True).indices]        # by value, ties by draft score
+        if total_tokens is not None:
+            n, rule = min(total_tokens - 1, len(pool)), "fixed"
+        else:
+            m = min(len(pool), self.max_nodes - 1)
+            expected = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), v[order[:m]].cumsum(0)))
+            sizes = torch.arange(1, m + 2, dtype=torch.float64)          # nodes incl. the root
+            rate = expected / (draft_s + self.cost.verify(sizes))
+            n, rule = int(rate.argmax()), "fitted"
+        sel = order[:n].sort().values
+        return Choice(sel, v, 1.0 + float(v[sel].sum()), rule)
+
+
+# -- the cost curve on disk ----------------------------------------------------------------
+def cost_curve_path(target) -> Path:
+    from .profile import device_key
+    from .target import cache_root
+    key = f"{device_key(target.device, target.kernels)}__{target.name}__{str(target.dtype).removeprefix('torch.')}"
+    return cache_root() / "costs" / f"{key}.json"
+
+
+def load_cost_curve(target, measure: bool = True) -> dict[int, float]:
+    """This machine's verify cost curve for the target: from the cache, else measured now
+    (a few seconds) and cached."""
+    path = cost_curve_path(target)
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            curve = {int(k): float(v) for k, v in d["verify_s"].items()}
+            if curve and all(v > 0 for v in curve.values()):
+                return curve
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable cost curve %s: %s", path, exc)
+    if not measure:
+        return {}
+    from .cost import verify_costs
+    prefix = min(COST_PREFIX, target.max_length - max(COST_SIZES) - 2)
+    sizes = [n for n in COST_SIZES if prefix + n + 1 < target.max_length]
+    log.info("measuring this machine's verify cost curve (once; cached in %s)", path)
+    curve = verify_costs(target, max(prefix, 1), sizes, repeats=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"prefix": prefix, "verify_s": {str(k): v for k, v in curve.items()},
+                               "relative": {str(k): v / curve[min(curve)] for k, v in curve.items()}}, indent=2))
+    os.replace(tmp, path)
+    return curve
+
+
+def make_fitter(target, max_nodes: int = 64) -> Fitter:
+    return Fitter(CostModel(load_cost_curve(target)), max_nodes=max_nodes)
+
+
+def break_even(curve: dict[int, float]) -> dict[int, float]:
+    """Tokens a step must yield to beat plain decoding at each size: c(N) / c(1)."""
+    base = curve.get(1) or min(curve.values())
+    return {n: t / base for n, t in sorted(curve.items())}
+
+
+__all__ = ["Calibrator", "Choice", "CostModel", "Fitter", "break_even", "cost_curve_path", "load_cost_curve",
+           "make_fitter"]

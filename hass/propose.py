@@ -1,0 +1,82 @@
+"""One tree per step from the candidate sources, cut to the size that pays on this machine.
+
+The shape of transformers' candidate generators: the draft head (`Growth`, through a
+drafter) and the lookup source propose; `Proposer` merges their candidates into one pool,
+asks the `Fitter` which to verify, and learns from every verdict. Batch 1 and every sample
+of a batch go through the same `Proposer.tree` / `Proposer.observe`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .candidates import DRAFT, LookupConfig, Pool, lookup, merge_lookup
+from .drafting import TreeTensors
+from .fit import Fitter, make_fitter
+from .tree import remap_parents
+
+
+@dataclass
+class Proposer:
+    """fitter: calibration and costs; total_tokens: a fixed cut (None = fitted per step);
+    lookup: the lookup source's settings (None = off)."""
+
+    fitter: Fitter
+    total_tokens: int | None
+    lookup: LookupConfig | None
+
+    @classmethod
+    def for_generation(cls, target, cfg) -> "Proposer":
+        """From a `GenerationConfig`: a fitted size measures (or reads) the cost curve."""
+        if cfg.fitted:
+            return cls(make_fitter(target, cfg.tree.total_tokens), None, cfg.lookup)
+        return cls.fixed(cfg.tree.total_tokens, cfg.lookup)
+
+    @classmethod
+    def fixed(cls, total_tokens: int, lookup_cfg: LookupConfig | None = None) -> "Proposer":
+        """EAGLE-2's cut: the best `total_tokens - 1` candidates, no cost curve needed."""
+        from .fit import CostModel
+        return cls(Fitter(CostModel({1: 1.0})), total_tokens, lookup_cfg)
+
+    @property
+    def growth_limit(self) -> Callable[[torch.Tensor], bool] | None:
+        """The early stop for draft growth (fitted sizes only: a fixed tree grows fully)."""
+        return self.fitter.keep_growing if self.total_tokens is None else None
+
+    def tree(self, pool: Pool, history: torch.Tensor | None = None, draft_s: float = 0.0,
+             max_depth: int = 64) -> TreeTensors:
+        """Merge the lookup continuation of `history` (context + root, at most `max_depth`
+        tokens: the context and budget limits) into `pool` and cut it."""
+        if self.lookup is not None and history is not None and max_depth > 0:
+            pool = merge_lookup(pool, lookup(history, self.lookup)[:max_depth])
+        choice = self.fitter.select(pool, self.total_tokens, draft_s)
+        dev = pool.tokens.device
+        sel = choice.selected.to(dev)
+        zl = torch.zeros(1, dtype=torch.long, device=dev)
+        return TreeTensors(
+            tokens=torch.cat((torch.tensor([pool.root], device=dev), pool.tokens[sel])),
+            parents=remap_parents(sel, pool.parents) if sel.numel() else torch.tensor([-1], device=dev),
+            depths=torch.cat((zl, pool.depths[sel])),
+            logp=torch.cat((torch.zeros(1, device=dev), pool.score[sel].float())),
+            prob=torch.cat((torch.ones(1, device=dev), pool.local[sel].float())),
+            origin=torch.cat((zl, pool.origin[sel])),
+            pool_index=torch.cat((torch.full((1,), -1, dtype=torch.long, device=dev), sel)),
+            values=torch.cat((torch.ones(1, dtype=torch.float64), choice.values[choice.selected])),
+            expected=choice.expected, rule=choice.rule, pool=pool,
+        )
+
+    def observe(self, tree: TreeTensors, path: list[int], verify_s: float, draft_s: float) -> None:
+        """Learn from one verdict: which nodes were accepted, what the step cost."""
+        pool = tree.pool
+        on_path = torch.zeros(tree.tokens.shape[0], dtype=torch.bool)
+        on_path[path] = True
+        chosen = tree.pool_index.cpu()[1:]
+        self.fitter.calibrator.update(pool, chosen, on_path[1:])
+        draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
+        levels = int(draft_depths.max()) if draft_depths.numel() else 0
+        self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, draft_s, len(path))
+
+
+__all__ = ["Proposer"]
