@@ -37,14 +37,23 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
                    help="draft tree nodes incl. the root (default: the device profile from `tune`, else 60)")
     p.add_argument("--depth", type=int, default=None, help="draft tree depth (default: profile, else 6)")
     p.add_argument("--top-k", type=int, default=None, help="children per expanded node (default: profile, else 10)")
+    p.add_argument("--lookup", choices=("on", "off"), default="on",
+                   help="lookup candidates (n-grams of the prompt and the text so far) in the tree")
 
 
-def _tree(args, target, draft_label: str):
-    from .profile import resolve_tree
-    tree, source = resolve_tree(args.total_tokens, args.depth, args.top_k, target.device, target.name,
-                                draft_label, target.kernels)
-    logging.getLogger("hass").info("tree %d/%d/%d (%s)", tree.total_tokens, tree.depth, tree.top_k, source)
-    return tree
+def _tree(args, target, draft_label: str) -> dict:
+    """GenerationConfig fields for the tree: no tree flag -> the size fitted per step on this
+    machine; any flag -> a fixed tree (missing values from the device profile or the paper)."""
+    from .candidates import LookupConfig
+    from .profile import resolve_rule
+    tree, fitted, source = resolve_rule(args.total_tokens, args.depth, args.top_k, target.device, target.name,
+                                        draft_label, target.kernels)
+    lookup = LookupConfig() if getattr(args, "lookup", "on") == "on" else None
+    logging.getLogger("hass").info("tree %s, lookup %s (%s)", "fitted per step (growth %d/%d, cap %d)" % (
+        tree.depth, tree.top_k, tree.total_tokens) if fitted else "%d/%d/%d" % (tree.total_tokens, tree.depth,
+                                                                              tree.top_k),
+        "on" if lookup else "off", source)
+    return {"tree": tree, "fitted": fitted, "lookup": lookup}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +262,7 @@ def cmd_generate(args) -> int:
     ids = target.render(messages)
     if args.mode == "hass":
         draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
-        cfg = dataclasses.replace(cfg, tree=_tree(args, target, draft_label))
+        cfg = dataclasses.replace(cfg, **_tree(args, target, draft_label))
         steps_iter = speculative_generate(target, draft, ids, cfg)
     else:
         draft_label = None
@@ -309,13 +318,22 @@ def cmd_bench(args) -> int:
     for name in names + list(extra):
         if name == "plain":
             runners[name] = bench.plain_runner(target)
-        elif name in ("hass", "eagle2") or name in extra:
-            draft, label = resolve_draft(extra.get(name, name), target)
-            if shared_tree is None:     # one tree for every draft (the default draft's profile), so tau compares like for like
+        elif name in ("hass", "eagle2", "hass-draft", "lookup") or name in extra:
+            if shared_tree is None:     # one tree rule for every draft (the default draft's), so tau compares like for like
                 shared_tree = _tree(args, target, shipped_label)
-            tree = shared_tree
-            trees[name] = [tree.total_tokens, tree.depth, tree.top_k]
-            runners[name] = bench.draft_runner(target, draft, tree)
+            fields = dict(shared_tree)
+            if name == "hass-draft":
+                fields["lookup"] = None
+            if name == "lookup":
+                from .candidates import LookupConfig
+                fields.update(lookup=fields["lookup"] or LookupConfig(), draft_source=False)
+                draft = None
+            else:
+                draft, _ = resolve_draft(extra.get(name, "hass" if name == "hass-draft" else name), target)
+            t = fields["tree"]
+            trees[name] = {"rule": "fitted" if fields["fitted"] else "fixed", "tree": [t.total_tokens, t.depth, t.top_k],
+                           "lookup": fields.get("lookup") is not None, "draft": fields.get("draft_source", True)}
+            runners[name] = bench.draft_runner(target, draft, fields)
         elif name in ("hf-generate", "hf-prompt-lookup"):
             runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
         elif name == "plain-stock":
@@ -589,7 +607,7 @@ def cmd_batch(args) -> int:
     target = _load_target(args)
     prompts = [target.render(c) for c in chats]
     draft, draft_label = resolve_draft(args.draft, target, seed=args.seed)
-    cfg = dataclasses.replace(cfg, tree=_tree(args, target, draft_label))
+    cfg = dataclasses.replace(cfg, **_tree(args, target, draft_label))
     runs = [(m, b) for b in sizes for m in methods if m != "sequential"]
     if "sequential" in methods:
         runs.insert(0, ("sequential", 1))

@@ -182,9 +182,9 @@ class _Sample:
         """Prompt + emitted tokens (ending with the root): what the lookup source searches."""
         return torch.cat((self.prompt.cpu(), torch.tensor(self.emitted, dtype=torch.long)))
 
-    def depth(self, cfg: GenerationConfig, max_len: int) -> int:
+    def room(self, max_len: int) -> int:
         """Tree depth limit, exactly as batch 1: the bonus must fit the context and the budget."""
-        return min(cfg.tree.depth, max_len - 2 - self.n, self.emitter.remaining - 1)
+        return min(max_len - 2 - self.n, self.emitter.remaining - 1)
 
 
 def _samples(target: Target, idx: list[int], ids: list[torch.Tensor], cfg: GenerationConfig,
@@ -212,12 +212,13 @@ def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: Generatio
     """One cycle's trees for the live samples (each at its own position and depth): the
     draft pools in one batched growth, then each sample's lookup merge and cut, exactly as
     batch 1 does (`Proposer.tree`). Returns the trees, the growth and the whole draft time."""
-    depths = {r: samples[r].depth(cfg, max_length) for r in live}
-    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, depths[r]) for r in live], cfg.tree.top_k,
-                         proposer.growth_limit)
+    rooms = {r: samples[r].room(max_length) for r in live}
+    grow = cfg.tree.depth if cfg.draft_source else 0
+    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, min(grow, rooms[r])) for r in live],
+                         cfg.tree.top_k, proposer.growth_limit)
     t_grow = clock.lap()
     share = t_grow / max(len(live), 1)
-    trees = {r: proposer.tree(pools[r], samples[r].history, share, depths[r]) for r in live}
+    trees = {r: proposer.tree(pools[r], samples[r].history, share, rooms[r]) for r in live}
     return trees, t_grow, t_grow + clock.lap()
 
 

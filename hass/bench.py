@@ -23,7 +23,7 @@ from .verify import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN_METHODS = ("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")
+BUILTIN_METHODS = ("plain", "hass", "hass-draft", "lookup", "eagle2", "hf-generate", "hf-prompt-lookup")
 # opt-in: plain decoding on a second copy of the target with torch's stock matmul kernels,
 # so the gain of the packed oneDNN kernels is measured side by side, like everything else
 OPTIONAL_METHODS = ("plain-stock",)
@@ -47,6 +47,10 @@ class Record:
     verify_s: float = 0.0
     other_s: float = 0.0
     greedy_equal: bool | None = None
+    offered_by_origin: dict[str, int] = field(default_factory=dict)
+    accepted_by_origin: dict[str, int] = field(default_factory=dict)
+    tree_sizes: list[int] = field(default_factory=list)
+    order: int = 0                      # the method's place in this prompt's rotated order
 
 
 # -- one method = a function (target, prompt ids, budget, temperature, seed) -> Record fields ---------
@@ -60,7 +64,9 @@ def _from_steps(steps: Iterator[Step]) -> dict:
     s = summarize(collected)
     return dict(new_tokens=s.new_tokens, wall_s=wall, target_forwards=s.target_forwards, tau=s.tau,
                 token_ids=[t for st in collected for t in st.new_tokens], accepted_per_depth=s.accepted_per_depth,
-                reached_per_depth=s.reached_per_depth, draft_s=s.draft_s, verify_s=s.verify_s, other_s=s.other_s)
+                reached_per_depth=s.reached_per_depth, draft_s=s.draft_s, verify_s=s.verify_s, other_s=s.other_s,
+                offered_by_origin=s.offered_by_origin, accepted_by_origin=s.accepted_by_origin,
+                tree_sizes=s.tree_sizes)
 
 
 def plain_runner(target: Target) -> Runner:
@@ -70,9 +76,16 @@ def plain_runner(target: Target) -> Runner:
     return run
 
 
-def draft_runner(target: Target, draft: DraftHead, tree: TreeConfig) -> Runner:
+def draft_runner(target: Target, draft: DraftHead | None, tree: TreeConfig | dict) -> Runner:
+    """Speculative decoding; `tree` is a fixed TreeConfig or GenerationConfig fields (tree,
+    fitted, lookup, draft_source). Without a draft (lookup only) a random one stands in, unused."""
+    fields = tree if isinstance(tree, dict) else {"tree": tree}
+    if draft is None:
+        from .draft import new_draft
+        draft = new_draft(target.config).to(target.device, target.dtype)
+
     def run(ids, budget, temperature, seed):
-        cfg = GenerationConfig(max_new_tokens=budget, sampling=SamplingConfig(temperature), tree=tree, seed=seed)
+        cfg = GenerationConfig(max_new_tokens=budget, sampling=SamplingConfig(temperature), seed=seed, **fields)
         return _from_steps(speculative_generate(target, draft, ids, cfg))
     return run
 
@@ -99,24 +112,36 @@ def hf_runner(target: Target, prompt_lookup: bool) -> Runner:
     return run
 
 
+def rotation(names: list[str], k: int) -> list[str]:
+    """The k-th prompt's method order: A B C, then B C A, then C A B, ..."""
+    k %= max(len(names), 1)
+    return names[k:] + names[:k]
+
+
 def interleave(questions: list[Question], methods: dict[str, Runner], budget: int, temperature: float,
                render: Callable[[list[dict]], list[int]], decode: Callable[[list[int]], str],
                on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """For each question and turn, run every method back to back. Multi-turn questions use the
-    reference method's own earlier answers (the first method; `plain` when present)."""
+    """For each question and turn, run every method back to back, in an order rotated from
+    prompt to prompt (no method always runs first or right after another). The reference for
+    greedy equality and for multi-turn histories is the first method given (`plain` when present)."""
     records: list[Record] = []
+    names = list(methods)
+    k = 0
     for q in questions:
         history: list[dict] = []
         for turn, text in enumerate(q.turns):
             history.append({"role": "user", "content": text})
             ids = render(history)
-            reference = None
-            for name, run in methods.items():
-                r = Record(set=q.set, question=q.id, turn=turn, method=name, temperature=temperature,
-                           **run(ids, budget, temperature, seed=zlib.crc32(f"{q.set}/{q.id}/{turn}".encode())))
-                if reference is None:
-                    reference = r
-                elif temperature == 0:
+            done: dict[str, Record] = {}
+            for place, name in enumerate(rotation(names, k)):
+                done[name] = Record(set=q.set, question=q.id, turn=turn, method=name, temperature=temperature,
+                                    order=place, **methods[name](ids, budget, temperature,
+                                                                 seed=zlib.crc32(f"{q.set}/{q.id}/{turn}".encode())))
+            k += 1
+            reference = done[names[0]]
+            for name in names:
+                r = done[name]
+                if name != names[0] and temperature == 0:
                     r.greedy_equal = r.token_ids == reference.token_ids
                 records.append(r)
                 if on_record:
@@ -180,6 +205,14 @@ def _stats(rs: list[Record], weight_bytes: int, bandwidth: float) -> dict:
     cycles = sum(r.target_forwards - 1 for r in spec)           # the prefill is not a cycle
     spec_tokens = sum(r.new_tokens - 1 for r in spec)
     eq = [r.greedy_equal for r in rs if r.greedy_equal is not None]
+    offered: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    for r in rs:
+        for o, c in r.offered_by_origin.items():
+            offered[o] = offered.get(o, 0) + c
+        for o, c in r.accepted_by_origin.items():
+            accepted[o] = accepted.get(o, 0) + c
+    sizes = [n for r in rs for n in r.tree_sizes]
     gbps = weight_bytes * fwd / wall / 1e9 if fwd and wall else None
     return {
         "prompts": len(rs), "new_tokens": tokens, "wall_s": wall,
@@ -193,7 +226,19 @@ def _stats(rs: list[Record], weight_bytes: int, bandwidth: float) -> dict:
         "other_s": sum(r.other_s for r in rs),
         "weights_gb_per_s": gbps,
         "bandwidth_fraction": gbps * 1e9 / bandwidth if gbps else None,
+        # per origin: nodes verified, nodes accepted, and the acceptance rate of a verified node
+        "by_origin": {o: {"offered": offered[o], "accepted": accepted.get(o, 0),
+                          "rate": accepted.get(o, 0) / offered[o] if offered[o] else 0.0} for o in sorted(offered)},
+        "tree_size_mean": sum(sizes) / len(sizes) if sizes else None,
+        "tree_size_quartiles": _quartiles(sizes),
     }
+
+
+def _quartiles(xs: list[int]) -> list[float] | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return [float(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]) for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
 
 
 def markdown_table(summary: dict, bandwidth: float) -> str:
@@ -217,5 +262,5 @@ def as_dicts(records: list[Record]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
-__all__ = ["BUILTIN_METHODS", "Record", "interleave", "summarize_records", "memory_bandwidth", "markdown_table",
+__all__ = ["BUILTIN_METHODS", "Record", "interleave", "rotation", "summarize_records", "memory_bandwidth", "markdown_table",
            "plain_runner", "draft_runner", "hf_runner", "load_set"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import compact
-from .candidates import LookupConfig
+from .candidates import LookupConfig, Pool
 from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step
@@ -35,6 +35,7 @@ class GenerationConfig:
     stop_at_eos: bool = True
     fitted: bool = False                 # choose the tree size per step (tree.total_tokens is then the cap)
     lookup: LookupConfig | None = None   # lookup candidates in the tree (None = draft only)
+    draft_source: bool = True            # False: lookup candidates only (the draft head is not run)
 
     def validate(self, vocab_size: int | None = None) -> "GenerationConfig":
         m = self.max_new_tokens
@@ -44,6 +45,8 @@ class GenerationConfig:
         self.tree.validate(vocab_size)
         if self.lookup is not None:
             self.lookup.validate()
+        if not self.draft_source and self.lookup is None:
+            raise ValueError("no candidate source: enable the draft head or lookup")
         return self
 
 
@@ -107,7 +110,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     t_other = clock.lap()
     n = ids.shape[1]
     step = em.step("prefill", None, [], [root], ["target"], [p], {"draft": 0.0, "verify": t_verify, "other": t_other})
-    if step.stop_reason is None:
+    if step.stop_reason is None and cfg.draft_source:
         drafter.extend(feats, torch.cat((ids[:, 1:], torch.tensor([[root]], device=dev)), 1), 0)
         step.timings["draft"] = clock.lap()
     yield step
@@ -116,10 +119,12 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     history = torch.cat((ids[0].cpu(), torch.tensor([root])))
     while step.stop_reason is None:
         # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
-        depth = min(cfg.tree.depth, target.max_length - 2 - n, em.remaining - 1)
-        pool = drafter.grow(root, n, cfg.tree.top_k, depth, proposer.growth_limit)
+        room = min(target.max_length - 2 - n, em.remaining - 1)
+        depth = min(cfg.tree.depth, room)
+        pool = drafter.grow(root, n, cfg.tree.top_k, depth, proposer.growth_limit) if cfg.draft_source \
+            else Pool.empty(root, dev)
         t_grow = clock.lap()
-        tree = proposer.tree(pool, history, t_grow, depth)
+        tree = proposer.tree(pool, history, t_grow, room)
         t_draft = t_grow + clock.lap()
         anc = ancestor_mask(tree.parents)
         mask = verify_mask(anc, n, target.dtype)
@@ -138,7 +143,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         t_other = clock.lap()
         step = em.step("speculative", event_tree(tree), verdict.path, new, path_sources(tree, verdict.path),
                        verdict.probs, {"draft": t_draft, "verify": t_verify, "other": t_other}, choice)
-        if step.stop_reason is None:
+        if step.stop_reason is None and cfg.draft_source:
             nxt = torch.cat((tree.tokens[path[1:]], torch.tensor([verdict.bonus], device=dev)))[None]
             drafter.extend(feats[:, path], nxt, n)
             step.timings["draft"] += clock.lap()

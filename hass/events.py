@@ -70,6 +70,9 @@ class Summary:
     other_s: float = 0.0
     tokens_per_s: float = 0.0
     stop_reason: str | None = None
+    offered_by_origin: dict[str, int] = field(default_factory=dict)    # tree nodes verified, per origin
+    accepted_by_origin: dict[str, int] = field(default_factory=dict)   # of those, accepted
+    tree_sizes: list[int] = field(default_factory=list)                # nodes verified per cycle (root incl.)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +100,12 @@ def summarize(steps: list[Step]) -> Summary:
             continue
         s.cycles += 1
         spec_tokens += len(st.new_tokens)
+        s.tree_sizes.append(len(st.tree))
+        on_path = set(st.path[1:])
+        for i, o in enumerate(st.tree.origin[1:] if st.tree.origin else ["draft"] * (len(st.tree) - 1), start=1):
+            s.offered_by_origin[o] = s.offered_by_origin.get(o, 0) + 1
+            if i in on_path:
+                s.accepted_by_origin[o] = s.accepted_by_origin.get(o, 0) + 1
         for d in range(1, st.accepted + 1):
             accepted[d] = accepted.get(d, 0) + 1
             reached[d] = reached.get(d, 0) + 1

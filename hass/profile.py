@@ -21,6 +21,9 @@ from .tree import TreeConfig
 log = logging.getLogger(__name__)
 
 PAPER_TREE = TreeConfig(60, 6, 10)
+# with no tree settings the size is fitted per step (hass.fit): draft growth up to 6 depths of
+# 8 children (it stops earlier when another depth would not pay), at most 64 nodes verified
+FITTED_TREE = TreeConfig(64, 6, 8)
 
 
 def device_key(device: torch.device, kernels: str = "stock") -> str:
@@ -74,6 +77,16 @@ def nearest_profile(path: Path) -> Path | None:
         if o:
             found.append((abs(int(o.group(1)) - want), int(o.group(1)), other))
     return min(found)[2] if found else None
+
+
+def resolve_rule(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,
+                 target_name: str, draft_label: str, kernels: str = "stock") -> tuple[TreeConfig, bool, str]:
+    """(tree, fitted, where it came from): no tree setting at all -> the size fitted per step
+    for this machine (growth `FITTED_TREE`); any setting -> a fixed tree (`resolve_tree`)."""
+    if total_tokens is None and depth is None and top_k is None:
+        return FITTED_TREE, True, "fitted per step"
+    tree, source = resolve_tree(total_tokens, depth, top_k, device, target_name, draft_label, kernels)
+    return tree, False, source
 
 
 def resolve_tree(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,

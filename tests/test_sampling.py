@@ -14,6 +14,7 @@ p-value threshold of 1e-4, on fixed seeds, so results are reproducible.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,6 +23,7 @@ import torch
 import hass.decode
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
 from hass.draft import new_draft
+from hass.candidates import LookupConfig
 from hass.tree import TreeConfig
 from hass.verify import SamplingConfig, Verdict, accept_sampling, target_probs
 
@@ -304,11 +306,13 @@ NEW_E2E = 4       # x1 from prefill; the first cycle may then accept x2 AND x3 (
 
 
 def sample_runs(target, draft_for, cfg: GenerationConfig, n: int, seed0: int, accepted: list | None = None,
-                reported: list | None = None):
+                reported: list | None = None, prompt: list[int] = PROMPT, origins: list | None = None):
     out = []
     for i in range(n):
-        steps = list(speculative_generate(target, draft_for(), PROMPT, GenerationConfig(
-            max_new_tokens=NEW_E2E, sampling=cfg.sampling, tree=cfg.tree, seed=seed0 + i, stop_at_eos=False)))
+        steps = list(speculative_generate(target, draft_for(), prompt, dataclasses.replace(
+            cfg, max_new_tokens=NEW_E2E, seed=seed0 + i, stop_at_eos=False)))
+        if origins is not None:
+            origins += [s.tree.origin[j] for s in steps if s.tree for j in s.path[1:]]
         toks = [t for s in steps for t in s.new_tokens]
         assert len(toks) == NEW_E2E
         out.append(toks)
@@ -389,6 +393,56 @@ def test_wrong_rule_in_the_decoder_fails_end_to_end(small_target, oracle_draft, 
     exact = exact_marginals(small_target, PROMPT, sampling)
     samples = sample_runs(small_target, _draft_factory("oracle", small_target, oracle_draft),
                           GenerationConfig(sampling=sampling, tree=TreeConfig(8, 3, 3)), 1000, seed0=1000)
+    results = _marginal_checks(samples, exact, stats)
+    assert results[0][1], "x1 comes from prefill and must still be right"
+    assert not results[1][1] or not results[2][1], f"wrong rule passed: {results}"
+
+
+# -- lookup candidates in the tree (deterministic proposals, like the draft's top-k) --------------
+PROMPT_REPEAT = [3, 7, 1, 3, 7, 2, 3, 7]       # repeated n-grams: lookup proposes at most steps
+ONE_GRAM = LookupConfig(max_ngram=3, min_ngram=1, max_tokens=4)
+LOOKUP_CASES = [
+    # (name, sampling, config): draft + lookup (fixed cut), lookup only, draft + lookup (fitted cut)
+    ("T1.0-random+lookup", SamplingConfig(temperature=1.0),
+     GenerationConfig(tree=TreeConfig(6, 2, 2), lookup=ONE_GRAM), "random"),
+    ("T0.8-lookup-only", SamplingConfig(temperature=0.8),
+     GenerationConfig(tree=TreeConfig(6, 2, 2), lookup=ONE_GRAM, draft_source=False), "random"),
+    ("T1.0-oracle+lookup-fitted", SamplingConfig(temperature=1.0),
+     GenerationConfig(tree=TreeConfig(16, 3, 3), lookup=ONE_GRAM, fitted=True), "oracle"),
+]
+
+
+def _repeat_draft_factory(kind, target, oracle_draft):
+    if kind == "oracle":
+        return lambda: oracle_draft(target, PROMPT_REPEAT)
+    d = new_draft(target.config, seed=1)
+    return lambda: d
+
+
+@pytest.mark.parametrize("name,sampling,cfg,kind", LOOKUP_CASES, ids=[c[0] for c in LOOKUP_CASES])
+def test_sampling_with_lookup_nodes_matches_exact_target_distribution(small_target, oracle_draft, stats,
+                                                                      name, sampling, cfg, kind):
+    exact = exact_marginals(small_target, PROMPT_REPEAT, sampling)
+    origins: list = []
+    samples = sample_runs(small_target, _repeat_draft_factory(kind, small_target, oracle_draft),
+                          dataclasses.replace(cfg, sampling=sampling), N_RUNS, seed0=2000, prompt=PROMPT_REPEAT,
+                          origins=origins)
+    for pos, ok, pv, tv in _marginal_checks(samples, exact, stats):
+        assert ok, f"{name}: x{pos} p-value {pv:.2e}, TV {tv:.4f}"
+    # lookup nodes were really verified and accepted (the check covers them)
+    assert origins.count("lookup") + origins.count("both") > 50, f"lookup accepted too rarely: {len(origins)}"
+    if not cfg.draft_source:
+        assert set(origins) <= {"lookup"}
+
+
+def test_wrong_rule_with_lookup_nodes_fails_end_to_end(small_target, stats, monkeypatch):
+    """Negative control for trees made of lookup nodes only: the residual-free rule fails."""
+    monkeypatch.setattr(hass.decode, "accept_sampling", wrong_no_residual)
+    sampling = SamplingConfig(temperature=0.8)
+    exact = exact_marginals(small_target, PROMPT_REPEAT, sampling)
+    cfg = GenerationConfig(sampling=sampling, tree=TreeConfig(6, 2, 2), lookup=ONE_GRAM, draft_source=False)
+    samples = sample_runs(small_target, _repeat_draft_factory("random", small_target, None), cfg, 1000,
+                          seed0=2000, prompt=PROMPT_REPEAT)
     results = _marginal_checks(samples, exact, stats)
     assert results[0][1], "x1 comes from prefill and must still be right"
     assert not results[1][1] or not results[2][1], f"wrong rule passed: {results}"

@@ -1,0 +1,142 @@
+"""Lookup candidates and the fitted tree size: pure functions against references, and the
+greedy output of every tree rule (fixed / fitted, draft / lookup / both, batch 1 / EMS)
+equal to plain decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hass.batch import run_batch
+from hass.candidates import DRAFT, LOOKUP, LookupConfig, Pool, lookup, merge_lookup
+from hass.decode import GenerationConfig, plain_generate, speculative_generate
+from hass.events import summarize
+from hass.fit import Calibrator, CostModel, Fitter
+from hass.tree import TreeConfig, ancestor_mask
+
+
+# -- lookup --------------------------------------------------------------------------------------
+def _lookup_reference(history: list[int], cfg: LookupConfig) -> list[int]:
+    for n in range(min(cfg.max_ngram, len(history) - 1), cfg.min_ngram - 1, -1):
+        suffix = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):        # latest earlier occurrence first
+            if history[start:start + n] == suffix:
+                return history[start + n:start + n + cfg.max_tokens]
+    return []
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lookup_matches_a_slow_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(0, 4, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g)
+    cfg = LookupConfig(max_ngram=3, min_ngram=1 + seed % 2, max_tokens=1 + seed % 5)
+    assert lookup(hist, cfg) == _lookup_reference(hist.tolist(), cfg)
+
+
+def test_lookup_prefers_the_longest_ngram_and_copies_what_followed():
+    hist = torch.tensor([5, 1, 2, 9, 9, 7, 2, 8, 1, 2])
+    assert lookup(hist, LookupConfig(max_ngram=2, min_ngram=1, max_tokens=3)) == [9, 9, 7]     # "1 2" -> 9 9 7
+    assert lookup(hist, LookupConfig(max_ngram=4, min_ngram=3, max_tokens=3)) == []            # no 3-gram repeats
+
+
+def _pool(tokens, parents, scores):
+    t = torch.tensor(tokens)
+    p = torch.tensor(parents)
+    depths = ancestor_mask(torch.cat((torch.tensor([-1]), p + 1))).sum(-1)[1:] - 1
+    s = torch.tensor(scores)
+    return Pool(0, t, p, depths, s, s.exp(), torch.full_like(t, DRAFT), torch.zeros_like(t))
+
+
+def test_merge_lookup_reuses_identical_draft_nodes_and_marks_their_origin():
+    # draft: root -> 4 (-> 6), root -> 5
+    pool = _pool([4, 5, 6], [-1, -1, 0], [-0.1, -1.0, -0.5])
+    merged = merge_lookup(pool, [4, 6, 8, 9])
+    assert merged.tokens.tolist() == [4, 5, 6, 8, 9]
+    assert merged.parents.tolist() == [-1, -1, 0, 2, 3]
+    assert merged.depths.tolist() == [1, 1, 2, 3, 4]
+    assert merged.origin.tolist() == [DRAFT | LOOKUP, DRAFT, DRAFT | LOOKUP, LOOKUP, LOOKUP]
+    assert merged.lookup_depth.tolist() == [1, 0, 2, 3, 4]
+    # a chain that leaves the draft nodes at once hangs under the root
+    other = merge_lookup(pool, [7, 4])
+    assert other.parents.tolist()[3:] == [-1, 3] and other.origin.tolist()[3:] == [LOOKUP, LOOKUP]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fitted_and_fixed_cuts_are_closed_under_ancestors(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    parents = [-1, -1, -1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(3, n)]
+    local = torch.rand(n, generator=g).clamp(min=0.01).log()
+    score = local.clone()
+    for i, p in enumerate(parents):
+        if p >= 0:
+            score[i] += score[p]
+    pool = merge_lookup(_pool(list(range(n)), parents, score.tolist()), [0, 100, 101])
+    cal = Calibrator()
+    cal.update(pool, torch.arange(len(pool)), torch.rand(len(pool), generator=g) < 0.3)   # any history
+    curve = {1: 1.0, 8: 1.2 + seed / 20, 64: 3.0 + seed / 5}
+    fitter = Fitter(CostModel(curve), cal)
+    for total in (None, 2, 5, 30, 100):
+        choice = fitter.select(pool, total, draft_s=0.1)
+        kept = set(choice.selected.tolist())
+        for i in kept:
+            p = int(pool.parents[i])
+            assert p == -1 or p in kept
+        v = choice.values
+        assert all(float(v[i]) <= float(v[int(pool.parents[i])]) + 1e-12 for i in range(len(pool))
+                   if pool.parents[i] >= 0)
+        if total is not None:
+            assert len(kept) == min(total - 1, len(pool))
+
+
+def test_fitted_cut_maximises_expected_tokens_per_second():
+    pool = _pool([1, 2, 3], [-1, 0, 1], [-0.01, -0.02, -0.03])        # a confident chain
+    fitter = Fitter(CostModel({1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15}))
+    assert len(fitter.select(pool, None).selected) == 3               # cheap nodes, likely accepted: all
+    steep = Fitter(CostModel({1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}))
+    assert len(steep.select(pool, None).selected) == 0                # a node costs more than it yields
+
+
+# -- greedy equality for every rule ----------------------------------------------------------------
+RULES = {
+    "fixed+lookup": dict(tree=TreeConfig(12, 3, 3), lookup=LookupConfig(max_ngram=3, min_ngram=1)),
+    "fitted+lookup": dict(tree=TreeConfig(24, 4, 4), fitted=True, lookup=LookupConfig(max_ngram=3, min_ngram=1)),
+    "fitted": dict(tree=TreeConfig(24, 4, 4), fitted=True),
+    "lookup-only": dict(tree=TreeConfig(12, 3, 3), lookup=LookupConfig(max_ngram=3, min_ngram=1),
+                        draft_source=False),
+}
+
+
+@pytest.fixture(scope="module")
+def repeat_prompts(tiny_target, prompts):
+    """Prompts that repeat themselves, so lookup has something to find."""
+    return [p + p[: max(2, len(p) // 2)] for p in prompts(4, tiny_target.vocab_size, 3, 16, seed=77)]
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("kind", ["random", "oracle"])
+def test_greedy_output_equals_plain_for_every_tree_rule(tiny_target, random_draft, oracle_draft, repeat_prompts,
+                                                        rule, kind):
+    used_lookup = 0
+    for prompt in repeat_prompts:
+        plain = [t for s in plain_generate(tiny_target, prompt, GenerationConfig(max_new_tokens=24, stop_at_eos=False))
+                 for t in s.new_tokens]
+        draft = random_draft if kind == "random" else oracle_draft(tiny_target, prompt, corrupt_every=3)
+        steps = list(speculative_generate(tiny_target, draft, prompt,
+                                          GenerationConfig(max_new_tokens=24, stop_at_eos=False, **RULES[rule])))
+        assert [t for s in steps for t in s.new_tokens] == plain
+        for s in steps[1:]:
+            assert s.tree.rule == ("fitted" if RULES[rule].get("fitted") else "fixed")
+            assert len(s.tree.origin) == len(s.tree.tokens) and s.tree.origin[0] == "root"
+        used_lookup += summarize(steps).offered_by_origin.get("lookup", 0)
+    if "lookup" in rule:
+        assert used_lookup > 0, "lookup never proposed a node: the test does not exercise it"
+
+
+@pytest.mark.parametrize("rule", ["fitted+lookup", "lookup-only"])
+def test_ems_batch_with_fitted_trees_and_lookup_equals_batch_one(tiny_target, random_draft, repeat_prompts, rule):
+    cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False, **RULES[rule])
+    result = run_batch(tiny_target, random_draft, repeat_prompts, cfg, method="ems", batch_size=3)
+    for i, prompt in enumerate(repeat_prompts):
+        plain = [t for s in plain_generate(tiny_target, prompt, GenerationConfig(max_new_tokens=20, stop_at_eos=False))
+                 for t in s.new_tokens]
+        assert result.tokens(i) == plain
