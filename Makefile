@@ -99,3 +99,18 @@ draft-eagle2-2: setup
 drafts-2: prepare-2
 	$(MAKE) -j2 draft-hass-2 draft-eagle2-2
 	$(MAKE) eval-drafts STAGE=-2 CARD_COMMAND="make drafts && make drafts-2"
+
+# -- self-distilled data (issue: drafts that predict the target's own text; hours on a CPU, resumable) --
+DISTILL_LIMIT ?= 4000
+DISTILL_FLAGS ?= --batch-size 32
+
+.PHONY: distill distill-measure
+distill: setup
+	$(BIN)/python -m hass distill --out $(DATA)/distill-train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
+	$(BIN)/python -m hass distill --out $(DATA)/distill-heldout.jsonl --split held-out --limit 64 $(DISTILL_FLAGS)
+	$(BIN)/python -m hass prepare --data $(DATA)/distill-train.jsonl --out $(DATA)/distill-train-$(MAX_LEN) --max-len $(MAX_LEN)
+	$(BIN)/python -m hass prepare --data $(DATA)/distill-heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
+
+# tokens/s of batched generation per batch size on this machine (docs/TRAINING.md's table)
+distill-measure: setup
+	$(BIN)/python -m hass distill --measure 1,8,16,32,64

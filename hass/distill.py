@@ -45,9 +45,9 @@ class DistillConfig:
     """How the target answers.
 
     max_new_tokens: cap per answer. 384 tokens hold nearly every complete answer of a 135M
-      chat model (most end with EOS well before) while a greedy repetition loop costs at
-      most 384 tokens; answers cut by the cap are kept (marked "length" in `stops`) and end
-      their dialogue.
+      chat model while a greedy repetition loop costs at most 384 tokens; answers cut by the
+      cap are kept (marked "length" in `stops`) and end their dialogue, and one that ends
+      in a repetition loop is cut after the loop's first two periods ("loop", `loop_cut`).
     max_len: a dialogue ends when its rendered prompt leaves no room for an answer under
       this length (the length `prepare` truncates to).
     sampled_fraction / temperature: the studio decodes at T = 0 by default and at T > 0 on
@@ -143,6 +143,22 @@ def generate_batch(target, prompts: Sequence[list[int]], max_new_tokens: int, te
     return results
 
 
+def loop_cut(ids: list[int], max_period: int = 64, repeats: int = 3) -> int | None:
+    """Where to cut an answer that ends in a repetition loop (a period of at most
+    `max_period` tokens repeated at least `repeats` times at its end): after the loop's
+    first two periods. None when the answer does not end in a loop."""
+    n = len(ids)
+    for p in range(1, max_period + 1):
+        if n < p * repeats:
+            break
+        if all(ids[i] == ids[i + p] for i in range(n - p * repeats, n - p)):
+            start = n - p * repeats
+            while start > 0 and ids[start - 1] == ids[start - 1 + p]:
+                start -= 1
+            return start + 2 * p
+    return None
+
+
 def _left_pad(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, W] ids left-padded with `pad` and the matching 0/1 attention mask."""
     width = max(len(p) for p in prompts)
@@ -234,6 +250,9 @@ def distill(target, dialogues: Sequence[Dialogue], out_path: str | Path, cfg: Di
                     stop = "length"                         # the EOS fell beyond this row's room
                 if len(ids) >= cfg.max_new_tokens and stop != "eos":
                     stop = "length"
+                cut = loop_cut(ids) if stop == "length" else None
+                if cut is not None:                         # a greedy repetition loop: keep two periods
+                    ids, stop = ids[:cut], "loop"
                 summary.new_tokens += len(ids)
                 summary.answers += 1
                 text = target.decode(ids, skip_special_tokens=True).strip()
@@ -298,4 +317,4 @@ def generate_batch_fixed(target, prompts: Sequence[list[int]], new_tokens: int) 
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
 
-__all__ = ["DistillConfig", "DistillSummary", "distill", "done_ids", "generate_batch", "measure_generation"]
+__all__ = ["DistillConfig", "DistillSummary", "distill", "done_ids", "generate_batch", "loop_cut", "measure_generation"]

@@ -150,9 +150,9 @@ def test_batched_drafter_is_used_for_a_draft_head(tiny_target, random_draft, bat
     calls = []
     original = BatchDrafter.grow
 
-    def spy(self, items, cfg):
+    def spy(self, items, top_k, keep_growing=None):
         calls.append(len(items))
-        return original(self, items, cfg)
+        return original(self, items, top_k, keep_growing)
     monkeypatch.setattr(BatchDrafter, "grow", spy)
     run_batch(tiny_target, random_draft, batch_prompts, GenerationConfig(max_new_tokens=8, tree=TREE), "ems", 5)
     assert calls and max(calls) == len(batch_prompts)

@@ -1,0 +1,71 @@
+"""Self-distilled data: loop cutting, the greedy/sampled split, resumable JSONL, and the
+records read back by the dialogue loader that `prepare` uses."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hass.data import Dialogue, load_dialogues
+from hass.distill import DistillConfig, distill, done_ids, loop_cut
+
+
+def test_loop_cut_keeps_two_periods_of_a_trailing_loop():
+    ans = [1, 2, 3] + [7, 8, 9, 4] * 5
+    assert loop_cut(ans) == 3 + 8                     # prefix + two periods
+    assert ans[:loop_cut(ans)] == [1, 2, 3, 7, 8, 9, 4, 7, 8, 9, 4]
+    assert loop_cut([5] * 10) == 2
+    assert loop_cut([1, 2, 3, 4, 5, 6, 7, 8]) is None
+    assert loop_cut([1, 2, 1, 2, 3]) is None           # a repeat that is not at the end
+
+
+def test_mode_split_is_stable_and_near_the_asked_fraction():
+    cfg = DistillConfig(sampled_fraction=0.25)
+    modes = [cfg.mode_of(f"id-{i}") for i in range(4000)]
+    assert modes == [cfg.mode_of(f"id-{i}") for i in range(4000)]
+    assert 0.22 < modes.count("sampled") / len(modes) < 0.28
+    assert DistillConfig(sampled_fraction=0.0).mode_of("x") == "greedy"
+
+
+def test_done_ids_cuts_a_torn_last_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"id": "a", "messages": []}) + "\n" + '{"id": "b", "mess')
+    assert done_ids(p) == {"a"}
+    assert p.read_text().endswith("\n")
+
+
+class _Tok:
+    pad_token_id = None
+
+
+def test_distill_writes_resumable_records_that_load_as_dialogues(tiny_target, tmp_path, monkeypatch):
+    """A tiny target with a stand-in renderer: every dialogue answered turn by turn, records
+    appended once, a second run adds nothing, and `load_dialogues` reads the file back."""
+    t = tiny_target
+    monkeypatch.setattr(type(t), "render", lambda self, msgs, add_generation_prompt=True:
+                        [1 + (len(m["content"]) % 7) for m in msgs] + [2])
+    monkeypatch.setattr(type(t), "decode", lambda self, ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    dialogues = [Dialogue(f"d{i}", [{"role": "user", "content": "hi" * (i + 1)}, {"role": "assistant", "content": "x"},
+                                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "y"}])
+                 for i in range(5)]
+    out = tmp_path / "distill.jsonl"
+    cfg = DistillConfig(max_new_tokens=6, max_len=64, batch_size=3, sampled_fraction=0.4)
+    s = distill(t, dialogues, out, cfg, progress=False)
+    assert s.dialogues == 5 and s.answers >= 5
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == [f"d{i}" for i in range(5)]
+    for r in recs:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles[:2] == ["user", "assistant"] and len(r["stops"]) == roles.count("assistant")
+        assert r["mode"] == cfg.mode_of(r["id"])
+        assert r["messages"][0]["content"] == next(d for d in dialogues if d.id == r["id"]).messages[0]["content"]
+    again = distill(t, dialogues, out, cfg, progress=False)
+    assert again.dialogues == 0 and len(out.read_text().splitlines()) == 5
+    assert {d.id for d in load_dialogues(out)} == {f"d{i}" for i in range(5)}
+
+
+def test_distill_rejects_bad_settings():
+    with pytest.raises(ValueError, match="batch size"):
+        DistillConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="sampled_fraction"):
+        DistillConfig(sampled_fraction=1.5).validate()
