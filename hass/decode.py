@@ -110,9 +110,9 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     t_other = clock.lap()
     n = ids.shape[1]
     step = em.step("prefill", None, [], [root], ["target"], [p], {"draft": 0.0, "verify": t_verify, "other": t_other})
-    if step.stop_reason is None and cfg.draft_source:
-        drafter.extend(feats, torch.cat((ids[:, 1:], torch.tensor([[root]], device=dev)), 1), 0)
-        step.timings["draft"] = clock.lap()
+    # verified pairs (f_t, x_{t+1}) not yet fed to the draft: fed in one extend when it next drafts
+    pending = _Pending(0)
+    pending.add(feats, torch.cat((ids[:, 1:], torch.tensor([[root]], device=dev)), 1))
     yield step
     clock.lap()
 
@@ -120,12 +120,15 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     while step.stop_reason is None:
         # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
         room = min(target.max_length - 2 - n, em.remaining - 1)
-        depth = min(cfg.tree.depth, room)
-        pool = drafter.grow(root, n, cfg.tree.top_k, depth, proposer.growth_limit) if cfg.draft_source \
-            else Pool.empty(root, dev)
+        drafting = cfg.draft_source and proposer.use_draft()
+        if drafting:
+            pending.flush(drafter)
+        t_extend = clock.lap()
+        pool = drafter.grow(root, n, cfg.tree.top_k, min(cfg.tree.depth, room), proposer.growth_limit) \
+            if drafting else Pool.empty(root, dev)
         t_grow = clock.lap()
         tree = proposer.tree(pool, history, t_grow, room)
-        t_draft = t_grow + clock.lap()
+        t_draft = t_extend + t_grow + clock.lap()
         anc = ancestor_mask(tree.parents)
         mask = verify_mask(anc, n, target.dtype)
         logits, feats = target.forward(tree.tokens[None], cache, position_ids=(n + tree.depths)[None],
@@ -138,20 +141,36 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         path = torch.tensor(verdict.path, device=dev)
         compact(cache, n, path)
         new = tree.tokens[path[1:]].tolist() + [verdict.bonus]
-        proposer.observe(tree, verdict.path, t_verify, t_grow)
+        proposer.observe(tree, verdict.path, t_verify, t_grow, t_draft)
         choice = logits[0].argmax(-1).tolist()
         t_other = clock.lap()
-        step = em.step("speculative", event_tree(tree), verdict.path, new, path_sources(tree, verdict.path),
+        step = em.step("speculative", event_tree(tree, drafting), verdict.path, new, path_sources(tree, verdict.path),
                        verdict.probs, {"draft": t_draft, "verify": t_verify, "other": t_other}, choice)
         if step.stop_reason is None and cfg.draft_source:
-            nxt = torch.cat((tree.tokens[path[1:]], torch.tensor([verdict.bonus], device=dev)))[None]
-            drafter.extend(feats[:, path], nxt, n)
-            step.timings["draft"] += clock.lap()
+            pending.add(feats[:, path], torch.cat((tree.tokens[path[1:]], torch.tensor([verdict.bonus], device=dev)))[None])
         n += len(verdict.path)
         root = verdict.bonus
         history = torch.cat((history, torch.tensor(new[:len(step.new_tokens)])))
         yield step
         clock.lap()        # the consumer's time between steps is not decoding time
+
+
+class _Pending:
+    """Verified (feature, next token) pairs waiting for the draft's cache, from `start` on."""
+
+    def __init__(self, start: int):
+        self.start, self.feats, self.tokens = start, [], []
+
+    def add(self, feats: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.feats.append(feats)
+        self.tokens.append(tokens)
+
+    def flush(self, drafter: Drafter) -> None:
+        if self.feats:
+            feats, toks = torch.cat(self.feats, 1), torch.cat(self.tokens, 1)
+            drafter.extend(feats, toks, self.start)
+            self.start += int(toks.shape[1])
+            self.feats, self.tokens = [], []
 
 
 __all__ = ["GenerationConfig", "plain_generate", "speculative_generate", "Verdict"]

@@ -20,6 +20,7 @@ class DraftTree:
     origin: list[str] = field(default_factory=list)   # per node: "root" | "draft" | "lookup" | "both"
     rule: str = ""          # how the size was chosen: "fitted" (per step, for this machine) | "fixed"
     expected: float = 0.0   # tokens this step was expected to yield (calibrated), incl. the bonus
+    drafted: bool = True    # whether the draft head ran this step (a fitted tree skips it when it cannot pay)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -8,7 +8,7 @@ of a batch go through the same `Proposer.tree` / `Proposer.observe`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,38 @@ from .tree import remap_parents
 
 
 @dataclass
+class DraftGate:
+    """Whether to run the draft head this step (fitted trees only): a two-armed choice between
+    drafting and lookup alone (nothing to draft = a plain step when lookup finds nothing),
+    by the tokens per second each arm has given lately, trying the other arm every
+    `explore` steps. On a machine or a text where the draft cannot pay for itself, decoding
+    stays at least as fast as plain decoding instead of paying the draft every step."""
+
+    explore: int = 8
+    alpha: float = 0.25
+    rate: dict = field(default_factory=dict)          # arm (True = draft) -> tokens/s EMA
+    steps: int = 0
+    last: bool = True
+
+    def choose(self) -> bool:
+        self.steps += 1
+        if True not in self.rate:
+            self.last = True
+        elif False not in self.rate:
+            self.last = self.steps <= 3                # a few drafting steps, then try without
+        else:
+            best = self.rate[True] >= self.rate[False]
+            self.last = (not best) if self.steps % self.explore == 0 else best
+        return self.last
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        r = tokens / seconds
+        self.rate[drafted] = r if drafted not in self.rate else self.rate[drafted] + self.alpha * (r - self.rate[drafted])
+
+
+@dataclass
 class Proposer:
     """fitter: calibration and costs; total_tokens: a fixed cut (None = fitted per step);
     lookup: the lookup source's settings (None = off)."""
@@ -26,12 +58,14 @@ class Proposer:
     fitter: Fitter
     total_tokens: int | None
     lookup: LookupConfig | None
+    gate: DraftGate | None = None
 
     @classmethod
     def for_generation(cls, target, cfg) -> "Proposer":
         """From a `GenerationConfig`: a fitted size measures (or reads) the cost curve."""
         if cfg.fitted:
-            return cls(make_fitter(target, cfg.tree.total_tokens), None, cfg.lookup)
+            gate = DraftGate() if cfg.lookup is not None and cfg.draft_source else None
+            return cls(make_fitter(target, cfg.tree.total_tokens), None, cfg.lookup, gate)
         return cls.fixed(cfg.tree.total_tokens, cfg.lookup)
 
     @classmethod
@@ -39,6 +73,10 @@ class Proposer:
         """EAGLE-2's cut: the best `total_tokens - 1` candidates, no cost curve needed."""
         from .fit import CostModel
         return cls(Fitter(CostModel({1: 1.0})), total_tokens, lookup_cfg)
+
+    def use_draft(self) -> bool:
+        """Run the draft head this step? Always for fixed trees (EAGLE-2 as published)."""
+        return self.gate is None or self.gate.choose()
 
     @property
     def growth_limit(self) -> Callable[[torch.Tensor], bool] | None:
@@ -67,8 +105,11 @@ class Proposer:
             expected=choice.expected, rule=choice.rule, pool=pool,
         )
 
-    def observe(self, tree: TreeTensors, path: list[int], verify_s: float, draft_s: float) -> None:
-        """Learn from one verdict: which nodes were accepted, what the step cost."""
+    def observe(self, tree: TreeTensors, path: list[int], verify_s: float, grow_s: float,
+                draft_s: float | None = None) -> None:
+        """Learn from one verdict: which nodes were accepted, what the step cost (`grow_s`:
+        the draft growth; `draft_s`: all drafting work of the step, catch-up extends included)."""
+        draft_s = grow_s if draft_s is None else draft_s
         pool = tree.pool
         on_path = torch.zeros(tree.tokens.shape[0], dtype=torch.bool)
         on_path[path] = True
@@ -76,7 +117,9 @@ class Proposer:
         self.fitter.calibrator.update(pool, chosen, on_path[1:])
         draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
         levels = int(draft_depths.max()) if draft_depths.numel() else 0
-        self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, draft_s, len(path))
+        self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s, len(path))
+        if self.gate is not None:
+            self.gate.observe(levels > 0, len(path), verify_s + draft_s)
 
 
 __all__ = ["Proposer"]

@@ -69,7 +69,7 @@ class Emitter:
         self.emitted += len(tokens)
         if stop is None and self.prompt_len + self.emitted >= self.max_len:
             stop = "context"          # every position of the context is used
-        accepted = sum(s.startswith("draft") for s in sources)
+        accepted = sum(s.startswith(("draft@", "lookup@")) for s in sources)
         st = Step(index=self.index, kind=kind, tree=tree, path=path, accepted=accepted, new_tokens=tokens,
                   sources=sources, target_prob=probs, timings=timings, position=position, stop_reason=stop,
                   target_choice=target_choice or [])
@@ -87,12 +87,13 @@ def first_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator)
     return tok, float(p[tok])
 
 
-def event_tree(t: TreeTensors) -> DraftTree:
-    """The plain-data tree of a step, with each node's origin when it was cut from a pool."""
+def event_tree(t: TreeTensors, drafted: bool = True) -> DraftTree:
+    """The plain-data tree of a step, with each node's origin when it was cut from a pool
+    (`drafted`: whether the draft head ran this step)."""
     origin = [] if t.origin is None else ["root"] + [ORIGIN_NAMES[int(o)] for o in t.origin[1:].tolist()]
     return DraftTree(tokens=t.tokens.tolist(), parents=t.parents.tolist(), depths=t.depths.tolist(),
                      logp=[round(x, 5) for x in t.logp.tolist()], prob=[round(x, 5) for x in t.prob.tolist()],
-                     origin=origin, rule=t.rule, expected=round(t.expected, 4))
+                     origin=origin, rule=t.rule, expected=round(t.expected, 4), drafted=drafted)
 
 
 def path_sources(t: TreeTensors, path: list[int]) -> list[str]:

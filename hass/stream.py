@@ -31,7 +31,7 @@ class TextStream:
         out = []
         for tok, src in zip(step.new_tokens, step.sources):
             piece = self._advance(tok)
-            if color and piece and src.startswith("draft@"):
+            if color and piece and src.startswith(("draft@", "lookup@")):
                 depth = int(src.split("@")[1])
                 piece = f"{_COLORS.get(depth, _DEEP)}{piece}{_RESET}"
             out.append(piece)

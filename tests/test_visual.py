@@ -464,3 +464,30 @@ def test_preview_page_has_every_figure(tmp_path):
     main([str(out), "--cdn"])
     page = out.read_text()
     assert page.count('class="plotly-graph-div"') == 10 and page.count('class="hs-tok"') > 20
+
+
+def _lookup_step() -> Step:
+    """root -> a (draft, accepted) -> b (lookup only, accepted) -> bonus; root -> c (both, unreached)."""
+    tree = DraftTree(tokens=[1, 2, 3, 4], parents=[-1, 0, 1, 0], depths=[0, 1, 2, 1], logp=[0, -0.1, -0.1, -2.0],
+                     prob=[1, 0.9, 0.0, 0.13], origin=["root", "draft", "lookup", "both"], rule="fitted",
+                     expected=2.4)
+    return Step(index=1, kind="speculative", tree=tree, path=[0, 1, 2], accepted=2, new_tokens=[2, 3, 9],
+                sources=["draft@1", "lookup@2", "bonus"], target_prob=[0.8, 0.7, 0.5],
+                timings={"draft": 0.01, "verify": 0.02, "other": 0.0}, target_choice=[2, 3, 9, 5])
+
+
+def test_lookup_nodes_get_a_ring_and_lookup_tokens_an_underline():
+    from visual.tree import tree_figure
+    step = _lookup_step()
+    fig = tree_figure(step, ["r", "a", "b", "c"], bonus_text="z")
+    ring = [t for t in fig.data if t.name == TRACE_NAMES["lookup"]]
+    assert len(ring) == 1 and sorted(ring[0].customdata) == [2, 3]          # lookup-only and both
+    assert "fitted" in fig.layout.title.text
+    hovers = " ".join(h for t in fig.data if t.hovertext for h in t.hovertext)
+    assert "copied from what followed" in hovers and "also found by lookup" in hovers
+    out = highlight_html([step], ["a", "b", "z"])
+    spans = re.findall(r'<span class="hs-tok" style="([^"]*)" title="([^"]*)"', out)
+    assert "underline dashed" in spans[1][0] and "lookup depth 2" in spans[1][1]
+    assert "underline" not in spans[0][0] and "underline" not in spans[2][0]
+    assert summarize([step]).accepted_by_origin == {"draft": 1, "lookup": 1}
+    assert "lookup" in C.legend_html()

@@ -151,7 +151,7 @@ def time_split_figure(steps: list[Step], title: str | None = None, *, uirevision
 
 
 def _draft_depths(step: Step) -> list[int]:
-    return [int(src.split("@", 1)[1]) for src in step.sources if src.startswith("draft@")]
+    return [int(src.split("@", 1)[1]) for src in step.sources if src.startswith(("draft@", "lookup@"))]
 
 
 def accept_length_figure(steps: list[Step], title: str | None = None, *,

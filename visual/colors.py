@@ -24,6 +24,8 @@ BONUS = "#E69F00"          # the target's own token at the end of the accepted p
 REJECTED = "#CC3311"       # draft nodes at the first depth where the target disagreed
 UNREACHED = "#B0B0B0"      # draft nodes the verification never got to
 TARGET = "#EEEEEE"         # tokens from a plain / prefill step (and the tree root: a target token)
+LOOKUP_RING = "#009E73"    # lookup candidates: a ring (tree) or a dashed underline (text), never a fill,
+                           # so the fill keeps saying accepted-by-depth / rejected / unreached (Okabe-Ito bluish green)
 
 HASS = "#0072B2"           # the speculative (HASS) series in charts (Okabe-Ito blue)
 PLAIN = "#6E6E6E"          # plain autoregressive decoding in charts
@@ -48,8 +50,9 @@ def depth_color(depth: int) -> str:
 
 
 def source_color(source: str) -> str:
-    """Colour of a new token from its `Step.sources` entry ("draft@<d>", "bonus", "target")."""
-    if source.startswith("draft@"):
+    """Colour of a new token from its `Step.sources` entry ("draft@<d>", "lookup@<d>",
+    "bonus", "target"); an accepted lookup token has its depth's colour (and an underline)."""
+    if source.startswith(("draft@", "lookup@")):
         return depth_color(int(source.split("@", 1)[1]))
     if source == "bonus":
         return BONUS
@@ -123,6 +126,8 @@ COLOR_TABLE: tuple[tuple[str, str, str], ...] = tuple(
        ("rejected", REJECTED, "draft guesses at the first depth where the target wanted another token"),
        ("unreached", UNREACHED, "draft nodes verification did not reach (off the accepted path)"),
        ("target", TARGET, "token from plain decoding or the prompt's first step (target only); tree root"),
+       ("lookup", LOOKUP_RING, "lookup candidate: copied from what followed the same words earlier (ring in the "
+        "tree, dashed underline in the text)"),
        ("HASS", HASS, "speculative decoding with the draft (charts)"),
        ("plain", PLAIN, "plain decoding, one target forward per token (charts)")]
 )
@@ -150,7 +155,7 @@ def legend_html(include_series: bool = True) -> str:
             'font-size:0.9em">' + "".join(rows) + "</ul>")
 
 
-__all__ = ["DEPTH_COLORS", "BONUS", "REJECTED", "UNREACHED", "TARGET", "HASS", "PLAIN", "SERIES_CYCLE",
+__all__ = ["DEPTH_COLORS", "BONUS", "REJECTED", "UNREACHED", "TARGET", "LOOKUP_RING", "HASS", "PLAIN", "SERIES_CYCLE",
            "TIME_COLORS", "INK", "PAPER", "EDGE", "MARKER_LINE", "COLOR_TABLE", "depth_color", "source_color",
            "hex_to_rgb", "relative_luminance", "contrast_ratio", "text_color", "rgba", "series_colors",
            "legend_html"]

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 from hass.events import Step
 
-from .colors import BONUS, TARGET, depth_color, text_color
+from .colors import BONUS, LOOKUP_RING, TARGET, depth_color, text_color
+
+# an accepted lookup token keeps its depth colour and gets this underline (colour is never the only cue)
+LOOKUP_UNDERLINE = f";text-decoration:underline dashed {LOOKUP_RING} 2px;text-underline-offset:3px"
 
 # Inline styles carry the colours (they survive HTML sanitisers that drop <style>); this CSS
 # adds the layout and is meant for the app's `css=`.
@@ -54,10 +57,16 @@ def token_info(step: Step, k: int) -> tuple[str, str]:
     """(background colour, hover title) of the k-th new token of `step`."""
     src = step.sources[k] if k < len(step.sources) else "target"
     parts = [f"step {step.index}"]
-    if src.startswith("draft@"):
+    if src.startswith("lookup@"):
         depth = int(src.split("@", 1)[1])
         color = depth_color(depth)
-        parts.append(f"draft depth {depth}")
+        parts.append(f"lookup depth {depth} (copied from earlier text)")
+    elif src.startswith("draft@"):
+        depth = int(src.split("@", 1)[1])
+        color = depth_color(depth)
+        both = step.tree is not None and depth < len(step.path) and len(step.tree.origin) > step.path[depth] \
+            and step.tree.origin[step.path[depth]] == "both"
+        parts.append(f"draft depth {depth}" + (" (lookup found it too)" if both else ""))
     elif src == "bonus":
         color = BONUS
         parts.append("target bonus")
@@ -90,7 +99,8 @@ def highlight_html(steps: Sequence[Step], token_texts: Sequence[str] | Sequence[
                 out.append(text)
                 continue
             color, title = token_info(st, k)
-            out.append(f'<span class="hs-tok" style="background:{color};color:{text_color(color)}" '
+            mark = LOOKUP_UNDERLINE if k < len(st.sources) and st.sources[k].startswith("lookup@") else ""
+            out.append(f'<span class="hs-tok" style="background:{color};color:{text_color(color)}{mark}" '
                        f'title="{html.escape(title, quote=True)}">{text}</span>')
     return '<div class="hs-out" style="white-space:pre-wrap">' + "".join(out) + "</div>"
 

@@ -11,15 +11,15 @@ import plotly.graph_objects as go
 
 from hass.events import DraftTree, Step
 
-from .colors import (BONUS, DEPTH_COLORS, EDGE, HASS, INK, MARKER_LINE, PAPER, REJECTED, TARGET, UNREACHED,
-                     depth_color)
+from .colors import (BONUS, DEPTH_COLORS, EDGE, HASS, INK, LOOKUP_RING, MARKER_LINE, PAPER, REJECTED, TARGET,
+                     UNREACHED, depth_color)
 from .text import label, plotly_escape, visible_token
 from .theme import apply_theme, empty_figure
 
 ROOT, ACCEPTED, REJECTED_ROLE, UNREACHED_ROLE = "root", "accepted", "rejected", "unreached"
 # trace names (the legend says these words; tests look traces up by them)
 TRACE_NAMES = {ROOT: "root (last token)", ACCEPTED: "accepted draft", REJECTED_ROLE: "first rejected",
-               UNREACHED_ROLE: "unreached", "bonus": "target bonus"}
+               UNREACHED_ROLE: "unreached", "bonus": "target bonus", "lookup": "lookup candidate (ring)"}
 LABEL_CHARS = 9
 # a white halo around node labels, so edges fanning out of a node never hide its token
 LABEL_HALO = "1px 1px 1px #FFFFFF, -1px -1px 1px #FFFFFF, 1px -1px 1px #FFFFFF, -1px 1px 1px #FFFFFF"
@@ -178,7 +178,7 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
         known[step.new_tokens[-1]] = bonus_text
     target_p: dict[int, float] = {}
     for k, v in enumerate(path[1:]):
-        if k < len(step.new_tokens) and step.sources[k].startswith("draft") and k < len(step.target_prob):
+        if k < len(step.new_tokens) and step.sources[k].startswith(("draft@", "lookup@")) and k < len(step.target_prob):
             target_p[v] = step.target_prob[k]
 
     def choice(i: int) -> str | None:
@@ -192,10 +192,14 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
     def hover(i: int) -> str:
         role = roles[i]
         lines = [f"<b>{_quoted(token_texts[i])}</b>  node {i} · depth {depths[i]}"]
+        origin = tree.origin[i] if i < len(tree.origin) else "draft"
         if role == ROOT:
             lines.append("root: the last token already emitted (the target's)")
+        elif origin == "lookup":
+            lines.append("lookup: copied from what followed the same words earlier in the prompt or answer")
         else:
-            lines.append(f"draft p {_fmt(tree.prob[i])} · cum. log p {_fmt(tree.logp[i], 2)}")
+            lines.append(f"draft p {_fmt(tree.prob[i])} · cum. log p {_fmt(tree.logp[i], 2)}"
+                         + (" · also found by lookup" if origin == "both" else ""))
         if role == ACCEPTED and i not in target_p:
             lines.append("accepted by the target, but cut by the stop (not emitted)")
         elif role == ACCEPTED:
@@ -242,6 +246,13 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
                     "size": [13 if role == ROOT else 7 + 13 * max(0.0, min(1.0, tree.prob[i])) for i in idx],
                     "line": {"width": 1, "color": line}},
         ))
+    found = [i for i in range(1, n) if i < len(tree.origin) and tree.origin[i] in ("lookup", "both")]
+    if found:        # lookup candidates: a ring around the node (its fill still says accepted / rejected / ...)
+        fig.add_trace(go.Scatter(
+            x=[pos[i][0] for i in found], y=[pos[i][1] for i in found], mode="markers", name=TRACE_NAMES["lookup"],
+            hoverinfo="skip", customdata=found,
+            marker={"symbol": "circle-open", "size": 21, "color": LOOKUP_RING, "line": {"width": 2.5}},
+        ))
     if bonus:
         k = len(step.new_tokens) - 1
         p_bonus = step.target_prob[k] if k < len(step.target_prob) else None
@@ -266,7 +277,8 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
     if title is None:
         tail = " + bonus" if bonus else (f" · stop: {step.stop_reason}" if step.stop_reason else "")
         where = "" if tree.children(last) else " (path reached a leaf)"
-        title = f"Step {step.index}: {len(path) - 1} accepted{tail}{where} · {n} nodes"
+        size = f"{n} nodes" + (f" (fitted: {tree.expected:.2f} tokens expected)" if tree.rule == "fitted" else "")
+        title = f"Step {step.index}: {len(path) - 1} accepted{tail}{where} · {size}"
     height = int(min(960, max(300, 110 + 16 * slots)))
     apply_theme(fig, title, height, uirevision)
     fig.update_layout(plot_bgcolor=PAPER, hovermode="closest")
