@@ -40,15 +40,22 @@ DRAFTS := assets/drafts
 RUNS := runs/drafts
 
 BENCH_LIMIT ?= 5
-BENCH_NOTE ?= idle machine (nothing else running)
+BENCH_NOTE ?=
 
 # docs/BENCHMARKS.md and its plots, from one full run (run it on an otherwise idle machine)
 benchmarks: setup
 	$(BIN)/python -m hass bench --limit $(BENCH_LIMIT) --max-new-tokens 128 --temperature 0 1 --out runs/bench --note "$(BENCH_NOTE)" \
-		--methods plain,plain-stock,hass,eagle2,hf-generate,hf-prompt-lookup
+		--methods plain,plain-stock,hass,hass-draft,lookup,eagle2,hf-generate,hf-prompt-lookup
 	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
-.PHONY: benchmarks curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
+# docs/BATCH.md, written by the batch command from the JSON it keeps (runs/batch/batch.json)
+EVAL := ../shared/data/eval
+batch-doc: setup
+	$(BIN)/python -m hass batch --prompts-file $(EVAL)/mt_bench.jsonl $(EVAL)/humaneval.jsonl $(EVAL)/gsm8k.jsonl \
+		--limit 11 --max-prompts 32 --method sequential,ems,padded --batch-size 4,8 --max-new-tokens 64 --warmup \
+		--out runs/batch --markdown docs/BATCH.md
+
+.PHONY: benchmarks batch-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

@@ -186,7 +186,7 @@ def run(studio: Studio, session: Session, prompts_text: str, batch_size, methods
         draft, label = studio.draft_for(session.draft_spec if session else "default")
         vocab = studio.target.vocab_size if getattr(draft, "token_map", None) is None else int(draft.token_map.numel())
         cfg = make_config(temperature, 1.0, min(int(max_new or 0), UI_MAX_NEW) if max_new else max_new, total, depth,
-                          top_k, vocab)
+                          top_k, vocab, **(session or Session()).tree_options())
         ids = [studio.target.render([{"role": "user", "content": p}]) for p in prompts]
         job = BatchJob(studio, draft, ids, cfg, methods, b)
     except (SettingsError, ValueError) as exc:

@@ -15,6 +15,7 @@ result against the CLI.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
 from pathlib import Path
@@ -177,7 +178,8 @@ def send(studio: Studio, session: Session, message: str, mode: str, temperature,
         yield _unchanged(session, highlight, _warn(f"unknown mode {mode!r}: use HASS or plain"))
         return
     try:
-        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, seed=_seed())
+        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, seed=_seed(),
+                          **session.tree_options())
         messages = session.history() + [{"role": "user", "content": message}]
         try:
             ids = studio.target.render(messages)
@@ -404,7 +406,7 @@ def check_lossless(studio: Studio, session: Session, prompt: str, max_new_tokens
     try:
         messages = (session.history() + [{"role": "user", "content": prompt.strip()}]) if (prompt or "").strip() \
             else _prompt_messages(session, prompt)
-        cfg = make_config(0, 1, max_new_tokens, total_tokens, depth, top_k)
+        cfg = make_config(0, 1, max_new_tokens, total_tokens, depth, top_k, **_options(session))
         try:
             ids = studio.target.render(messages)
         except ValueError as exc:
@@ -523,11 +525,26 @@ def _race_stream(studio: Studio, session: Session, warmup, racers, highlight: bo
            speedup_figure(steps), depth_acceptance_figure(steps, depth_title), status)
 
 
-def _warmup_jobs(studio: Studio, ids: list[int], specs: list[tuple[str, str]], warmup: int, temperature, top_p,
-                 total_tokens, depth, top_k):
+def set_tree_rule(session: Session, rule: str) -> Session:
+    """Settings: "fitted" (the size chosen per step for this machine) or "fixed"."""
+    session.tree_rule = "fixed" if rule == "fixed" else "fitted"
+    return session
+
+
+def set_lookup(session: Session, on: bool) -> Session:
+    session.lookup = bool(on)
+    return session
+
+
+def _options(session: Session | None) -> dict:
+    return (session or Session()).tree_options()
+
+
+def _warmup_jobs(studio: Studio, ids: list[int], specs: list[tuple[str, str]], warmup: int, cfg) -> list:
+    """Short runs with the race's own settings (budget `warmup`) before it is timed."""
     if not warmup:
         return []
-    wcfg = make_config(temperature, top_p, warmup, total_tokens, depth, top_k)
+    wcfg = dataclasses.replace(cfg, max_new_tokens=int(warmup))
     return [(f"warmup-{i}", studio.generator(mode, ids, wcfg, spec)) for i, (mode, spec) in enumerate(specs)]
 
 
@@ -538,11 +555,10 @@ def race(studio: Studio, session: Session, prompt: str, temperature, top_p, max_
     session = session if session is not None else Session()
     try:
         messages = _prompt_messages(session, prompt)
-        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k)
+        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, **_options(session))
         ids = studio.target.render(messages)
         label = studio.draft_for(session.draft_spec)[1]
-        jobs = _warmup_jobs(studio, ids, [("plain", ""), ("HASS", session.draft_spec)], warmup, temperature, top_p,
-                            total_tokens, depth, top_k)
+        jobs = _warmup_jobs(studio, ids, [("plain", ""), ("HASS", session.draft_spec)], warmup, cfg)
         racers = [("plain", studio.generator("plain", ids, cfg)),
                   (f"HASS ({label})", studio.generator("HASS", ids, cfg, session.draft_spec))]
     except (SettingsError, ValueError) as exc:
@@ -585,10 +601,9 @@ def ab(studio: Studio, session: Session, prompt: str, temperature, top_p, max_ne
                                 "race against plain decoding meanwhile.")
         spec_b, name_b = _ab_other(studio, session, other)
         messages = _prompt_messages(session, prompt)
-        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k)
+        cfg = make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, **_options(session))
         ids = studio.target.render(messages)
-        jobs = _warmup_jobs(studio, ids, [("HASS", "hass"), ("HASS", spec_b)], warmup, temperature, top_p,
-                            total_tokens, depth, top_k)
+        jobs = _warmup_jobs(studio, ids, [("HASS", "hass"), ("HASS", spec_b)], warmup, cfg)
         racers = [("HASS draft (shipped)", studio.generator("HASS", ids, cfg, "hass")),
                   (name_b, studio.generator("HASS", ids, cfg, spec_b))]
     except (SettingsError, ValueError) as exc:

@@ -19,7 +19,9 @@ from pathlib import Path
 from hass.assets import resolve_draft, shipped_draft
 from hass.decode import MAX_NEW_TOKENS_LIMIT, GenerationConfig, plain_generate, speculative_generate
 from hass.events import Step
-from hass.profile import resolve_tree
+from hass.candidates import LookupConfig
+from hass.fit import load_cost_curve
+from hass.profile import FITTED_TREE
 from hass.target import Target, load_target
 from hass.tree import TreeConfig
 from hass.verify import SamplingConfig
@@ -62,6 +64,12 @@ class Session:
     draft_label: str = ""
     run_id: str = ""
     sid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tree_rule: str = "fitted"         # "fitted" (size chosen per step for this machine) | "fixed"
+    lookup: bool = True               # lookup candidates in the tree
+
+    def tree_options(self) -> dict:
+        """make_config's tree options for this tab's settings."""
+        return {"fitted": self.tree_rule == "fitted", "lookup": self.lookup}
 
     def history(self) -> list[dict]:
         """The conversation for the chat template: finished turns (a stopped answer counts)."""
@@ -132,8 +140,10 @@ def _number(name: str, v, lo: float, hi: float, whole: bool):
 
 
 def make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, vocab_size: int | None = None,
-                seed: int = 0) -> GenerationConfig:
-    """A validated GenerationConfig from UI values; SettingsError names the bad one."""
+                seed: int = 0, fitted: bool = False, lookup: bool = False) -> GenerationConfig:
+    """A validated GenerationConfig from UI values; SettingsError names the bad one.
+    fitted: the tree size is chosen per step for this machine (total tokens = the cap);
+    lookup: lookup candidates join the draft tree."""
     t = _number("temperature", temperature, 0, 2, False)
     p = _number("top-p", top_p, 1e-6, 1, False) if top_p is not None and top_p != 0 else None
     if p is None:
@@ -141,7 +151,8 @@ def make_config(temperature, top_p, max_new_tokens, total_tokens, depth, top_k, 
     m = _number("max new tokens", max_new_tokens, 1, min(UI_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT), True)
     tree = TreeConfig(_number("tree total tokens", total_tokens, 2, 1024, True),
                       _number("tree depth", depth, 1, 64, True), _number("tree top-k", top_k, 1, 64, True))
-    cfg = GenerationConfig(max_new_tokens=m, sampling=SamplingConfig(temperature=t, top_p=p), tree=tree, seed=seed)
+    cfg = GenerationConfig(max_new_tokens=m, sampling=SamplingConfig(temperature=t, top_p=p), tree=tree, seed=seed,
+                           fitted=bool(fitted), lookup=LookupConfig() if lookup else None)
     try:
         return cfg.validate(vocab_size)
     except ValueError as exc:
@@ -262,14 +273,13 @@ class Studio:
 
     # -- model ---------------------------------------------------------------------------------
     def _tree_defaults(self) -> tuple[TreeConfig, str]:
+        """The growth limits of the fitted tree (its size is chosen per step); the cost curve
+        is measured now (once per machine, cached) so the first answer does not wait for it."""
         try:
-            _, label = self.draft_for(self.default_draft_spec)
-        except Exception:          # noqa: BLE001 - only for the profile lookup
-            label = "random"
-        try:
-            return resolve_tree(None, None, None, self.target.device, self.target.name, label, self.target.kernels)
-        except ValueError:
-            return TreeConfig(), "paper default"
+            load_cost_curve(self.target)
+        except Exception as exc:   # noqa: BLE001 - a failed measurement only costs the first answer time
+            log.warning("could not measure the verify cost curve: %s", exc)
+        return FITTED_TREE, "size fitted per step to this machine's verify costs (the numbers are its limits)"
 
     def load_model(self, spec: str) -> str:
         """Load another target; on failure raise with the reason and keep the current one."""

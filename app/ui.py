@@ -146,7 +146,15 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                 total = gr.Number(t.total_tokens, label="Tree total tokens", precision=0)
                                 depth = gr.Number(t.depth, label="Tree depth", precision=0)
                                 topk = gr.Number(t.top_k, label="Tree top-k", precision=0)
-                            gr.Markdown(f"Tree defaults: {studio.tree_source}.")
+                            with gr.Row():
+                                tree_rule = gr.Radio([("fitted per step (this machine)", "fitted"),
+                                                      ("fixed (the numbers above)", "fixed")], value="fitted",
+                                                     label="Tree size", scale=3, elem_id="hs-tree-rule")
+                                lookup_on = gr.Checkbox(True, label="Lookup candidates (copy from the context)",
+                                                        scale=2, elem_id="hs-lookup")
+                            gr.Markdown(f"Tree: {studio.tree_source}.")
+                            tree_rule.change(chat.set_tree_rule, [state, tree_rule], [state])
+                            lookup_on.change(chat.set_lookup, [state, lookup_on], [state])
                     with gr.Column(scale=6, min_width=420):
                         stats = gr.Markdown("No answer yet.", elem_id="hs-stats")
                         slider = gr.Slider(0, 1, value=0, step=1, label="Replay a step", interactive=False,

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default; 1 is "
                     "faster and steadier on a busy machine)")
     bt.add_argument("--json", action="store_true", help="print JSON (one object per method and batch size)")
+    bt.add_argument("--out", type=Path, default=None, help="also write DIR/batch.json: every run's figures, the "
+                    "machine, the load average before and after, and the command")
+    bt.add_argument("--markdown", type=Path, default=None, help="write this Markdown page from the runs (docs/BATCH.md)")
     return parser
 
 
@@ -393,6 +396,11 @@ def _load_avg() -> float | None:
     """1-minute load average: how busy the machine was (the docs need an idle one)."""
     import os
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _cpu_name() -> str:
@@ -616,6 +624,7 @@ def cmd_batch(args) -> int:
             run_batch(target, draft, prompts[:2], dataclasses.replace(cfg, max_new_tokens=8), m, b,
                       drafting=args.drafting)
     reports = []
+    load_before = _load_avg()
     for m, b in runs:
         res = run_batch(target, draft, prompts, cfg, m, b, drafting=args.drafting)
         out = res.to_dict(target.decode)
@@ -631,10 +640,29 @@ def cmd_batch(args) -> int:
                       f"stop: {s['stop_reason']})\n")
         print(f"[{m} batch {b}] {out['new_tokens']} tokens in {out['wall_s']:.2f}s = {out['tokens_per_s']:.1f} tok/s "
               f"| {len(prompts)} prompts | draft: {draft_label} | tree {out['tree']}", flush=True)
+    same = None
     if len(reports) > 1 and cfg.sampling.greedy:
         same = all([s["token_ids"] for s in r["samples"]] == [s["token_ids"] for s in reports[0]["samples"]]
                    for r in reports)
         logging.getLogger("hass").info("greedy outputs identical across runs: %s", same)
+    if args.out or args.markdown:
+        from .batch import batch_markdown
+        doc = {"command": "python -m hass " + shlex.join(args.argv), "cpu": _cpu_name(), "threads": _threads(),
+               "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
+               "kernels": target.kernels, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "load_avg_before": load_before, "load_avg_after": _load_avg(), "draft": draft_label,
+               "tree": {"rule": "fitted" if cfg.fitted else "fixed",
+                        "limits": [cfg.tree.total_tokens, cfg.tree.depth, cfg.tree.top_k],
+                        "lookup": cfg.lookup is not None},
+               "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
+               "greedy_identical": same,
+               "runs": [{k: r[k] for k in ("method", "batch_size", "new_tokens", "wall_s", "tokens_per_s")}
+                        | {"tau_mean": sum(x["tau"] for x in r["samples"]) / len(r["samples"])} for r in reports]}
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "batch.json").write_text(json.dumps(doc, indent=2))
+        if args.markdown:
+            args.markdown.write_text(batch_markdown(doc))
     return 0
 
 

@@ -451,6 +451,33 @@ def _align(cache, prefix: int, src: torch.Tensor) -> None:
             setattr(layer, name, torch.cat((t[:, :, :prefix], kept), 2))
 
 
+# -- the batch page ----------------------------------------------------------------------------
+def batch_markdown(doc: dict) -> str:
+    """docs/BATCH.md from the JSON `python -m hass batch --out` keeps (every figure from it)."""
+    t = doc["tree"]
+    tree = ("size fitted per step (limits %d/%d/%d)" % tuple(t["limits"]) if t["rule"] == "fitted"
+            else "fixed %d/%d/%d" % tuple(t["limits"])) + (", lookup candidates on" if t["lookup"] else "")
+    seq = next((r for r in doc["runs"] if r["method"] == "sequential"), None)
+    lines = [
+        "# Batch > 1: EMS-SD against padded batching and sequential decoding", "",
+        "Written by the command below from the JSON it keeps (`--out DIR` writes `DIR/batch.json`; "
+        "`--markdown` this page). Every speed figure is a ratio within this one run.", "",
+        f"Machine: {doc['cpu']}, {doc['threads']} torch threads, {doc['device']}, {doc['dtype']}, "
+        f"{doc['kernels']} kernels. Measured {doc['when']}; 1-minute load average {doc['load_avg_before']} before "
+        f"the runs and {doc['load_avg_after']} after. Draft {doc['draft']}, tree {tree}, T = {doc['temperature']}, "
+        f"{doc['prompts']} prompts, {doc['max_new_tokens']} new tokens each.", "",
+        "```bash", doc["command"], "```", "",
+        "| method | batch size | new tokens | wall s | tokens/s | mean tau | vs sequential |",
+        "|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        rel = f"{r['tokens_per_s'] / seq['tokens_per_s']:.2f}x" if seq and seq["tokens_per_s"] else "-"
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['new_tokens']} | {r['wall_s']:.1f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['tau_mean']:.2f} | {rel} |")
+    if doc.get("greedy_identical") is not None:
+        lines += ["", "Greedy outputs identical across all runs: " + ("yes." if doc["greedy_identical"] else "**no**.")]
+    return "\n".join(lines) + "\n"
+
+
 # -- prompt files ------------------------------------------------------------------------------
 def load_prompt_file(path: str | Path) -> list[list[dict]]:
     """A JSONL file of prompts -> one chat (list of {role, content}) per line, in file order.
@@ -493,4 +520,4 @@ def load_prompt_file(path: str | Path) -> list[list[dict]]:
     return chats
 
 
-__all__ = ["METHODS", "BatchCycle", "BatchResult", "batch_generate", "load_prompt_file", "run_batch"]
+__all__ = ["METHODS", "BatchCycle", "BatchResult", "batch_generate", "batch_markdown", "load_prompt_file", "run_batch"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .candidates import DRAFT, LOOKUP, Pool
+from .tree import best
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Choice:
     node values, the expected tokens of the step and the rule used."""
 
     selected: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None         # None for EAGLE-2's fixed cut of draft-only pools
     expected: float
     rule: str
 
@@ -167,6 +168,9 @@ class Fitter:
     def select(self, pool: Pool, total_tokens: int | None, draft_s: float = 0.0) -> Choice:
         """The nodes to verify: the best `total_tokens - 1` (fixed), or the count that
         maximises expected tokens per second (`total_tokens` None: fitted, up to max_nodes)."""
+        if total_tokens is not None and not bool(((pool.origin & LOOKUP) > 0).any()):
+            # EAGLE-2's cut as published: no values needed (v is monotone in the score anyway)
+            return Choice(best(pool.score, total_tokens - 1).cpu(), None, 0.0, "fixed")
         v = self.calibrator.values(pool)
         if len(pool) == 0:
             return Choice(torch.zeros(0, dtype=torch.long), v, 1.0, "fixed" if total_tokens else "fitted")

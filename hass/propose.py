@@ -101,7 +101,8 @@ class Proposer:
             prob=torch.cat((torch.ones(1, device=dev), pool.local[sel].float())),
             origin=torch.cat((zl, pool.origin[sel])),
             pool_index=torch.cat((torch.full((1,), -1, dtype=torch.long, device=dev), sel)),
-            values=torch.cat((torch.ones(1, dtype=torch.float64), choice.values[choice.selected])),
+            values=None if choice.values is None else
+            torch.cat((torch.ones(1, dtype=torch.float64), choice.values[choice.selected])),
             expected=choice.expected, rule=choice.rule, pool=pool,
         )
 
@@ -111,10 +112,10 @@ class Proposer:
         the draft growth; `draft_s`: all drafting work of the step, catch-up extends included)."""
         draft_s = grow_s if draft_s is None else draft_s
         pool = tree.pool
-        on_path = torch.zeros(tree.tokens.shape[0], dtype=torch.bool)
-        on_path[path] = True
-        chosen = tree.pool_index.cpu()[1:]
-        self.fitter.calibrator.update(pool, chosen, on_path[1:])
+        if tree.values is not None:              # the values were used: keep calibrating them
+            on_path = torch.zeros(tree.tokens.shape[0], dtype=torch.bool)
+            on_path[path] = True
+            self.fitter.calibrator.update(pool, tree.pool_index.cpu()[1:], on_path[1:])
         draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
         levels = int(draft_depths.max()) if draft_depths.numel() else 0
         self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s, len(path))

@@ -581,3 +581,19 @@ def test_app_has_the_batch_tab(batch_studio):
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"hs-batch-prompts", "hs-batch-run", "hs-batch-heat", "hs-batch-speed", "hs-batch-table"} <= ids
     assert any(getattr(b, "label", None) == "Batch" for b in demo.blocks.values())
+
+
+def test_batch_page_is_written_from_the_json_it_keeps():
+    from hass.batch import batch_markdown
+    doc = {"command": "python -m hass batch --method sequential,ems", "cpu": "CPU X", "threads": 2, "device": "cpu",
+           "dtype": "float32", "kernels": "onednn", "when": "2026-11-29 08:00 UTC", "load_avg_before": 0.31,
+           "load_avg_after": 1.7, "draft": "d", "temperature": 0.0, "max_new_tokens": 64, "prompts": 3,
+           "tree": {"rule": "fitted", "limits": [64, 6, 8], "lookup": True}, "greedy_identical": True,
+           "runs": [{"method": "sequential", "batch_size": 1, "new_tokens": 192, "wall_s": 8.0, "tokens_per_s": 24.0,
+                     "tau_mean": 1.5},
+                    {"method": "ems", "batch_size": 4, "new_tokens": 192, "wall_s": 4.0, "tokens_per_s": 48.0,
+                     "tau_mean": 1.5}]}
+    page = batch_markdown(doc)
+    assert "| ems | 4 | 192 | 4.0 | 48.0 | 1.50 | 2.00x |" in page
+    assert "load average 0.31 before" in page and doc["command"] in page and "fitted per step" in page
+    assert "identical across all runs: yes" in page
