@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data import Dialogue
 
@@ -134,7 +135,8 @@ def generate_batch(target, prompts: Sequence[list[int]], max_new_tokens: int, te
         torch.manual_seed(seed)               # generate samples from torch's global generator
     with torch.inference_mode():
         out = target.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=pad, **kwargs)
+                                    eos_token_id=eos, pad_token_id=pad,
+                                    stopping_criteria=StoppingCriteriaList([_LoopStop(width)]), **kwargs)
     results = []
     eos_set = set(eos)
     for row in out[:, width:].tolist():
@@ -157,6 +159,24 @@ def loop_cut(ids: list[int], max_period: int = 64, repeats: int = 3) -> int | No
                 start -= 1
             return start + 2 * p
     return None
+
+
+class _LoopStop(StoppingCriteria):
+    """Ends a row of a batched `generate` once its answer is caught in a repetition loop
+    (checked every `every` tokens), so a looping row stops costing compute; the answer is
+    then cut by `loop_cut`."""
+
+    def __init__(self, prompt_width: int, every: int = 16):
+        self.width, self.every = prompt_width, every
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids.shape[1] - self.width
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if new < 3 or new % self.every:
+            return done
+        for i, row in enumerate(input_ids[:, self.width:].tolist()):
+            done[i] = loop_cut(row) is not None
+        return done
 
 
 def _left_pad(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,3 +69,18 @@ def test_distill_rejects_bad_settings():
         DistillConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="sampled_fraction"):
         DistillConfig(sampled_fraction=1.5).validate()
+
+
+def test_loop_stop_ends_only_looping_rows():
+    import torch
+
+    from hass.distill import _LoopStop
+    prompt = [9, 9, 9, 9]                     # a repetitive prompt must not count: only the answer is checked
+    looping = prompt + [1, 2, 3] + [4, 5] * 6 + [4]
+    fresh = prompt + list(range(10, 26))
+    assert len(looping) == len(fresh)
+    stop = _LoopStop(len(prompt), every=16)
+    ids = torch.tensor([looping, fresh])
+    assert ids.shape[1] - len(prompt) == 16
+    assert stop(ids, None).tolist() == [True, False]
+    assert stop(ids[:, :-1], None).tolist() == [False, False]     # checked every 16 tokens only
