@@ -28,6 +28,13 @@ KERNELS = ("auto", "stock", "onednn")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32 always; bf16 only where this CPU has oneDNN's bf16 path (AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT): on an AVX2-only CPU packing a bf16 weight raises."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return _DTYPES if bf16 is not None and bf16() else (torch.float32,)
+
+
 def onednn_available() -> bool:
     """True when this torch build can pack linear weights for oneDNN (x86 builds with MKLDNN)."""
     return (torch.backends.mkldnn.is_available()
@@ -36,17 +43,18 @@ def onednn_available() -> bool:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """A weight oneDNN can pack here: on the CPU, fp32 or bf16, in a build with oneDNN."""
-    return weight.device.type == "cpu" and weight.dtype in _DTYPES and onednn_available()
+    """A weight oneDNN can pack here: on the CPU, fp32 (or bf16 where the CPU has it), in a build with oneDNN."""
+    return weight.device.type == "cpu" and weight.dtype in packable_dtypes() and onednn_available()
 
 
 def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
     """'auto' takes oneDNN for CPU fp32/bf16 models when the build has it, else the stock kernels."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r} (use {', '.join(KERNELS)})")
-    usable = device.type == "cpu" and dtype in _DTYPES and onednn_available()
+    usable = device.type == "cpu" and dtype in packable_dtypes() and onednn_available()
     if kernels == "onednn" and not usable:
-        raise ValueError(f"kernels 'onednn' need a CPU model in fp32 or bf16 and a torch build with oneDNN "
+        raise ValueError(f"kernels 'onednn' need a CPU model in fp32 (bf16 where the CPU has oneDNN's bf16 path) "
+                         f"and a torch build with oneDNN "
                          f"(here: {device.type}, {dtype}, oneDNN {'yes' if onednn_available() else 'no'})")
     if kernels == "auto":
         return "onednn" if usable else "stock"
