@@ -49,10 +49,9 @@ def _tree(args, target, draft_label: str) -> dict:
     tree, fitted, source = resolve_rule(args.total_tokens, args.depth, args.top_k, target.device, target.name,
                                         draft_label, target.kernels)
     lookup = LookupConfig() if getattr(args, "lookup", "on") == "on" else None
-    logging.getLogger("hass").info("tree %s, lookup %s (%s)", "fitted per step (growth %d/%d, cap %d)" % (
-        tree.depth, tree.top_k, tree.total_tokens) if fitted else "%d/%d/%d" % (tree.total_tokens, tree.depth,
-                                                                              tree.top_k),
-        "on" if lookup else "off", source)
+    shape = "size %s (growth %d/%d, at most %d nodes)" % (source, tree.depth, tree.top_k, tree.total_tokens) \
+        if fitted else "%d/%d/%d (%s)" % (tree.total_tokens, tree.depth, tree.top_k, source)
+    logging.getLogger("hass").info("tree %s, lookup %s", shape, "on" if lookup else "off")
     return {"tree": tree, "fitted": fitted, "lookup": lookup}
 
 

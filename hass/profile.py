@@ -81,10 +81,13 @@ def nearest_profile(path: Path) -> Path | None:
 
 def resolve_rule(total_tokens: int | None, depth: int | None, top_k: int | None, device: torch.device,
                  target_name: str, draft_label: str, kernels: str = "stock") -> tuple[TreeConfig, bool, str]:
-    """(tree, fitted, where it came from): no tree setting at all -> the size fitted per step
-    for this machine (growth `FITTED_TREE`); any setting -> a fixed tree (`resolve_tree`)."""
+    """(tree, fitted, where it came from): no tree setting at all -> the tree `tune` measured
+    on this device when there is one, else the size fitted per step for this machine (growth
+    `FITTED_TREE`); any setting -> a fixed tree (`resolve_tree`)."""
     if total_tokens is None and depth is None and top_k is None:
-        return FITTED_TREE, True, "fitted per step"
+        found = nearest_profile(profile_path(device, target_name, draft_label, kernels))
+        if found is None or load_profile(found) is None:
+            return FITTED_TREE, True, "fitted per step"
     tree, source = resolve_tree(total_tokens, depth, top_k, device, target_name, draft_label, kernels)
     return tree, False, source
 
