@@ -43,8 +43,11 @@ def studio(chat_target) -> Studio:
 
 @pytest.fixture()
 def session(studio) -> Session:
+    """A tab with the tree size fixed by the settings below: a random draft on a tiny model
+    pays for no node, so a fitted tree would verify the root alone and show no draft depths."""
     s = Session()
     s.draft_spec = "random"
+    s.tree_rule = "fixed"
     return s
 
 
@@ -469,3 +472,18 @@ def test_entry_point_flags():
     assert a.host is None and a.port == 7860 and not a.cli and not a.share and a.model == "default"
     a = mod.parse_args(["--cli", "--model", "some/hub-id", "--draft", "/d", "--host", "0.0.0.0", "--port", "9000"])
     assert a.cli and a.model == "some/hub-id" and a.draft == "/d" and a.host == "0.0.0.0" and a.port == 9000
+
+
+def test_the_studio_decodes_with_the_fitted_tree_and_lookup_by_default(studio):
+    """A new tab: size fitted per step, lookup on; the Settings switch to a fixed tree without lookup."""
+    s = Session()
+    s.draft_spec = "random"
+    assert s.tree_options() == {"fitted": True, "lookup": True}
+    run_all(chat.send(studio, s, "Hi hi hi hi", *settings(max_new_tokens=8), True))
+    steps = [st for st in s.turns[-1].steps if st.kind == "speculative"]
+    assert steps and all(st.tree.rule == "fitted" for st in steps)
+    chat.set_tree_rule(s, "fixed")
+    chat.set_lookup(s, False)
+    run_all(chat.send(studio, s, "Hi again", *settings(max_new_tokens=6), True))
+    steps = [st for st in s.turns[-1].steps if st.kind == "speculative"]
+    assert steps and all(st.tree.rule == "fixed" and "lookup" not in st.tree.origin for st in steps)
