@@ -401,6 +401,7 @@ def test_wrong_rule_in_the_decoder_fails_end_to_end(small_target, oracle_draft, 
 # -- lookup candidates in the tree (deterministic proposals, like the draft's top-k) --------------
 PROMPT_REPEAT = [3, 7, 1, 3, 7, 2, 3, 7]       # repeated n-grams: lookup proposes at most steps
 ONE_GRAM = LookupConfig(max_ngram=3, min_ngram=1, max_tokens=4)
+N_RUNS_LOOKUP = 1000      # as the negative controls: enough to fail a wrong rule (below), a third cheaper
 LOOKUP_CASES = [
     # (name, sampling, config): draft + lookup (fixed cut), lookup only, draft + lookup (fitted cut)
     ("T1.0-random+lookup", SamplingConfig(temperature=1.0),
@@ -425,7 +426,7 @@ def test_sampling_with_lookup_nodes_matches_exact_target_distribution(small_targ
     exact = exact_marginals(small_target, PROMPT_REPEAT, sampling)
     origins: list = []
     samples = sample_runs(small_target, _repeat_draft_factory(kind, small_target, oracle_draft),
-                          dataclasses.replace(cfg, sampling=sampling), N_RUNS, seed0=2000, prompt=PROMPT_REPEAT,
+                          dataclasses.replace(cfg, sampling=sampling), N_RUNS_LOOKUP, seed0=2000, prompt=PROMPT_REPEAT,
                           origins=origins)
     for pos, ok, pv, tv in _marginal_checks(samples, exact, stats):
         assert ok, f"{name}: x{pos} p-value {pv:.2e}, TV {tv:.4f}"
