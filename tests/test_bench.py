@@ -72,3 +72,23 @@ def test_bench_unknown_method_is_a_clear_error(tiny_folder, prompts_file, tmp_pa
                "--out", str(tmp_path)])
     assert rc == 2
     assert "unknown method 'warp'" in capsys.readouterr().err
+
+
+def test_rotation_and_origin_table():
+    from hass.bench import rotation
+    from visual.report import origin_table
+    names = ["plain", "hass", "lookup"]
+    orders = [rotation(names, k) for k in range(4)]
+    assert orders[:3] == [["plain", "hass", "lookup"], ["hass", "lookup", "plain"], ["lookup", "plain", "hass"]]
+    assert orders[3] == orders[0]
+    assert {o[0] for o in orders[:3]} == set(names)                # every method runs first once per cycle
+    summary = {"sets": {
+        "a": {"plain": {}, "hass": {"by_origin": {"draft": {"offered": 10, "accepted": 4},
+                                                  "lookup": {"offered": 5, "accepted": 1}},
+                                    "tree_size_mean": 6.0, "tree_size_quartiles": [1, 3, 5, 8, 12]}},
+        "b": {"hass": {"by_origin": {"draft": {"offered": 10, "accepted": 6}}, "tree_size_mean": 4.0,
+                       "tree_size_quartiles": [1, 2, 3, 4, 9]}}}}
+    table = origin_table(summary)
+    assert "| hass | 10 / 20 (50%) | 1 / 5 (20%) | – | 5.0 | 5, 3 |" in table
+    assert "plain" not in table.split("\n", 3)[-1]
+    assert origin_table({"sets": {"a": {"plain": {}}}}) == ""
