@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from hass.events import Step, summarize
+from hass.events import Step, speedup, summarize
 from visual import (depth_acceptance_figure, highlight_html, mask_figure, speedup_figure,
                     time_split_figure, tree_figure)
 from visual.theme import empty_figure
@@ -457,13 +457,12 @@ def race_verdict(races: dict[str, list[Step]]) -> str:
     if not x.new_tokens or not y.new_tokens or x.seconds <= 0 or y.seconds <= 0:
         return "no result: a side produced no tokens"
     same = [t for st in sa for t in st.new_tokens] == [t for st in sb for t in st.new_tokens]
+    r = speedup(x.new_tokens, x.seconds, y.new_tokens, y.seconds)      # the bench's definition
     if x.new_tokens == y.new_tokens:
-        r = x.seconds / y.seconds
         how = (f"{a} {x.seconds:.2f} s vs {b} {y.seconds:.2f} s for the same {x.new_tokens} new tokens "
                "(identical token ids)" if same else
                f"{a} {x.seconds:.2f} s vs {b} {y.seconds:.2f} s for {x.new_tokens} new tokens each")
     else:
-        r = y.tokens_per_s / x.tokens_per_s
         how = (f"different lengths ({x.new_tokens} vs {y.new_tokens} tokens), so the ratio of tokens/s: "
                f"{y.tokens_per_s:.1f} vs {x.tokens_per_s:.1f}")
     if r >= 1:

@@ -16,7 +16,7 @@ import torch
 from .decode import GenerationConfig, plain_generate, speculative_generate
 from .draft import DraftHead
 from .evalsets import Question, load_set
-from .events import Step, summarize
+from .events import Step, speedup, summarize
 from .target import Target
 from .tree import TreeConfig
 from .verify import SamplingConfig
@@ -178,7 +178,7 @@ def summarize_records(records: list[Record], weight_bytes: int, bandwidth: float
                 out["sets"][s][m] = _stats(rs, weight_bytes, bandwidth)
         plain = out["sets"][s].get("plain")
         for m, v in out["sets"][s].items():
-            v["speedup"] = v["tokens_per_s"] / plain["tokens_per_s"] if plain and plain["tokens_per_s"] else None
+            v["speedup"] = speedup(plain["new_tokens"], plain["wall_s"], v["new_tokens"], v["wall_s"]) if plain else None
     for m in methods:
         per_set = [out["sets"][s][m] for s in sets if m in out["sets"][s]]
         mean = {}

@@ -122,3 +122,12 @@ def summarize(steps: list[Step]) -> Summary:
     s.per_depth_acceptance = [a / r if r else 0.0 for a, r in zip(s.accepted_per_depth, s.reached_per_depth)]
     s.tokens_per_s = s.new_tokens / s.seconds if s.seconds > 0 else 0.0
     return s
+
+
+def speedup(base_tokens: int, base_seconds: float, tokens: int, seconds: float) -> float | None:
+    """The project's one speedup: tokens per second over the baseline's tokens per second.
+    For the same new tokens (as lossless greedy decoding gives) it is the baseline's time over
+    this time. The bench, the studio's race and its charts all call this; None without data."""
+    if base_tokens <= 0 or base_seconds <= 0 or tokens <= 0 or seconds <= 0:
+        return None
+    return (tokens / seconds) / (base_tokens / base_seconds)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hass.events import Step, Summary, summarize
+from hass.events import Step, Summary, speedup, summarize
 
 from .colors import BONUS, DEPTH_COLORS, MARKER_LINE, TIME_COLORS, depth_color, series_colors
 from .theme import PANEL_HEIGHT, apply_theme, empty_figure
@@ -72,10 +72,15 @@ def speedups(races: Mapping[str, list[Step]]) -> dict[str, float]:
     base = plain_key(races)
     if base is None:
         return {}
-    plain_tps = summarize(list(races[base])).tokens_per_s
-    if plain_tps <= 0:
-        return {}
-    return {name: summarize(list(steps)).tokens_per_s / plain_tps for name, steps in races.items() if name != base}
+    b = summarize(list(races[base]))
+    out = {}
+    for name, steps in races.items():
+        if name != base:
+            s = summarize(list(steps))
+            r = speedup(b.new_tokens, b.seconds, s.new_tokens, s.seconds)
+            if r is not None:
+                out[name] = r
+    return out
 
 
 def speedup_title(races: Mapping[str, list[Step]]) -> str:
