@@ -20,34 +20,39 @@ from .tree import remap_parents
 
 @dataclass
 class DraftGate:
-    """Whether to run the draft head this step (fitted trees only): a two-armed choice between
-    drafting and lookup alone (nothing to draft = a plain step when lookup finds nothing),
-    by the tokens per second each arm has given lately, trying the other arm every
-    `explore` steps. On a machine or a text where the draft cannot pay for itself, decoding
-    stays at least as fast as plain decoding instead of paying the draft every step."""
+    """Whether to run the draft head this step (fitted trees with lookup): a two-armed choice
+    between drafting and lookup alone (nothing to draft = a plain step when lookup finds
+    nothing), by the throughput each arm has given lately, trying the other arm every
+    `explore` steps. Throughput is decayed tokens over decayed seconds per arm (a ratio of
+    sums, not a mean of per-step rates: lookup's gains come in rare long bursts, which a
+    mean of step rates would under-weight). Where the draft cannot pay for itself, decoding
+    stays about as fast as lookup alone instead of paying the draft every step."""
 
     explore: int = 8
-    alpha: float = 0.25
-    rate: dict = field(default_factory=dict)          # arm (True = draft) -> tokens/s EMA
+    decay: float = 0.97
+    tokens: dict = field(default_factory=dict)        # arm (True = draft) -> decayed tokens
+    seconds: dict = field(default_factory=dict)       # arm -> decayed seconds
     steps: int = 0
-    last: bool = True
+
+    def rate(self, arm: bool) -> float | None:
+        s = self.seconds.get(arm)
+        return self.tokens[arm] / s if s else None
 
     def choose(self) -> bool:
         self.steps += 1
-        if True not in self.rate:
-            self.last = True
-        elif False not in self.rate:
-            self.last = self.steps <= 3                # a few drafting steps, then try without
-        else:
-            best = self.rate[True] >= self.rate[False]
-            self.last = (not best) if self.steps % self.explore == 0 else best
-        return self.last
+        with_draft, without = self.rate(True), self.rate(False)
+        if with_draft is None:
+            return True
+        if without is None:
+            return self.steps <= 3                     # a few drafting steps, then try without
+        best = with_draft >= without
+        return (not best) if self.steps % self.explore == 0 else best
 
     def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
-        r = tokens / seconds
-        self.rate[drafted] = r if drafted not in self.rate else self.rate[drafted] + self.alpha * (r - self.rate[drafted])
+        self.tokens[drafted] = self.decay * self.tokens.get(drafted, 0.0) + tokens
+        self.seconds[drafted] = self.decay * self.seconds.get(drafted, 0.0) + seconds
 
 
 @dataclass

@@ -140,3 +140,36 @@ def test_ems_batch_with_fitted_trees_and_lookup_equals_batch_one(tiny_target, ra
         plain = [t for s in plain_generate(tiny_target, prompt, GenerationConfig(max_new_tokens=20, stop_at_eos=False))
                  for t in s.new_tokens]
         assert result.tokens(i) == plain
+
+
+def test_draft_gate_follows_throughput_not_the_typical_step():
+    """Lookup alone: mostly 1-token steps with a rare long burst, higher throughput overall (18/0.7 s);
+    drafting: steady 1.5 tokens per slower step. The gate must prefer lookup alone, and still
+    try drafting every `explore` steps."""
+    from hass.propose import DraftGate
+    gate = DraftGate(explore=8)
+    chosen = []
+    lookup_steps = 0
+    for i in range(400):
+        arm = gate.choose()
+        chosen.append(arm)
+        if arm:
+            gate.observe(True, 3 if i % 2 else 2, 0.125)          # 20 tok/s, every step alike
+        else:
+            lookup_steps += 1                                     # 25 tok/s, in bursts
+            gate.observe(False, 12 if lookup_steps % 7 == 0 else 1, 0.1)
+    late = chosen[200:]
+    assert late.count(False) > 0.8 * len(late)
+    assert 0 < late.count(True) <= len(late) // 8 + 1
+
+
+def test_draft_gate_keeps_drafting_where_the_draft_pays():
+    from hass.propose import DraftGate
+    gate = DraftGate(explore=8)
+    chosen = []
+    for _ in range(300):
+        arm = gate.choose()
+        chosen.append(arm)
+        gate.observe(arm, 3 if arm else 1, 0.1)                   # draft 30 tok/s, lookup finds nothing: 10
+    late = chosen[100:]
+    assert late.count(True) >= 0.85 * len(late) and late.count(False) > 0
