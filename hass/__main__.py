@@ -492,7 +492,7 @@ def cmd_distill(args) -> int:
         prompts = [target.render([m for m in d.messages if m["role"] != "assistant"][:1]) for d in dialogues[:64]]
         prompts = [p for p in prompts if len(p) <= 256] or prompts
         rows = measure_generation(target, prompts, sizes)
-        print(f"| batch | dtype | kernels | threads | tokens/s |\n|---|---|---|---|---|")
+        print("| batch | dtype | kernels | threads | tokens/s |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['batch_size']} | {r['dtype']} | {r['kernels']} | {torch.get_num_threads()} | "
                   f"{r['tokens_per_s']:.1f} |")

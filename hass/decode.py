@@ -6,7 +6,6 @@ are reported as the last step's `stop_reason`.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .candidates import DRAFT, LOOKUP, ORIGIN_NAMES
+from .candidates import LOOKUP, ORIGIN_NAMES
 from .drafting import TreeTensors
 from .events import DraftTree, Step
 from .target import Target
