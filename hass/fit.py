@@ -227,11 +227,5 @@ def make_fitter(target, max_nodes: int = 64) -> Fitter:
     return Fitter(CostModel(load_cost_curve(target)), max_nodes=max_nodes)
 
 
-def break_even(curve: dict[int, float]) -> dict[int, float]:
-    """Tokens a step must yield to beat plain decoding at each size: c(N) / c(1)."""
-    base = curve.get(1) or min(curve.values())
-    return {n: t / base for n, t in sorted(curve.items())}
-
-
-__all__ = ["Calibrator", "Choice", "CostModel", "Fitter", "break_even", "cost_curve_path", "load_cost_curve",
+__all__ = ["Calibrator", "Choice", "CostModel", "Fitter", "cost_curve_path", "load_cost_curve",
            "make_fitter"]
