@@ -14,7 +14,7 @@ import torch
 
 from .candidates import DRAFT, LookupConfig, Pool, lookup, merge_lookup
 from .drafting import TreeTensors
-from .fit import Fitter, make_fitter
+from .fit import CostModel, Fitter, make_fitter
 from .tree import remap_parents
 
 
@@ -76,7 +76,6 @@ class Proposer:
     @classmethod
     def fixed(cls, total_tokens: int, lookup_cfg: LookupConfig | None = None) -> "Proposer":
         """EAGLE-2's cut: the best `total_tokens - 1` candidates, no cost curve needed."""
-        from .fit import CostModel
         return cls(Fitter(CostModel({1: 1.0})), total_tokens, lookup_cfg)
 
     def use_draft(self) -> bool:
