@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="draft folder, 'hass', 'eagle2', 'random' or 'default'")
     p.add_argument("--max-new-tokens", type=int, default=256, help="(--cli) tokens per answer")
     p.add_argument("--cli", action="store_true", help="the terminal chat instead of the web studio")
+    p.add_argument("--public", action=argparse.BooleanOptionalAction, default=None,
+                   help="lock what visitors may change (the model, server paths, training size); default: on "
+                        "exactly when running on a Hugging Face Space (SPACE_ID), or HASS_PUBLIC=1/0")
     p.add_argument("--threads", type=int, default=int(os.environ.get("HASS_THREADS", 0)),
                    help="torch CPU threads (0 = all cores but one, so the web server keeps a core)")
     return p.parse_args(argv)
@@ -89,13 +92,15 @@ def chat(args: argparse.Namespace) -> None:
             break
 
 
-def build_app(model: str = "default", draft: str = "default"):
+def build_app(model: str = "default", draft: str = "default", public: bool | None = None):
     """(demo, css) with the model loaded once; shared by every session."""
+    from app.policy import Policy
     from app.studio import Studio
     from app.training import TrainingManager
     from app.ui import build, css
 
-    studio = Studio.load(model, draft, training=TrainingManager())
+    policy = Policy.from_env(public)
+    studio = Studio.load(model, draft, training=TrainingManager(policy=policy), policy=policy)
     demo = build(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo, css()
@@ -104,12 +109,11 @@ def build_app(model: str = "default", draft: str = "default"):
 def set_threads(n: int = 0) -> int:
     """Decoding is CPU-bound and the web server needs a core too: by default torch gets
     every core but one (on a 2-core machine two torch threads next to the server make each
-    forward several times slower)."""
-    import torch
+    forward several times slower). The cores counted are the ones the container's CPU quota
+    allows (a Space has 2 vCPUs on a large host)."""
+    from hass.device import fit_threads
 
-    n = n if n > 0 else max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(n)
-    return n
+    return fit_threads(n, spare=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     on_spaces = bool(os.environ.get("SPACE_ID"))
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1")
     set_threads(args.threads)
-    demo, style = build_app(args.model, args.draft)
+    demo, style = build_app(args.model, args.draft, args.public)
     demo.launch(server_name=host, server_port=args.port, share=args.share, css=style, show_error=True)
 
 

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     threads = _entry().set_threads(args.threads)
     from app.studio import Studio
+    from hass.device import usable_cpus
 
     studio = Studio.load(args.model, args.draft)
     t = studio.tree_defaults
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"model {studio.target.name} · draft {studio.draft_for(args.draft)[1]} · mode {args.mode} · tree "
           f"{settings['total_tokens']}/{settings['depth']}/{settings['top_k']} · {settings['max_new_tokens']} new "
-          f"tokens · torch threads {threads} of {os.cpu_count()} cores · load average {load[0]:.2f} "
+          f"tokens · torch threads {threads} of {usable_cpus()} usable cores · load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f} · CLI {'subprocess' if args.subprocess else 'in process'}", flush=True)
     warm = dict(settings, max_new_tokens=min(16, settings["max_new_tokens"]))
     sink = GradioSink(studio)

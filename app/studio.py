@@ -6,6 +6,7 @@ locks, no tensors), so Gradio can copy it for every new visitor.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -26,15 +27,14 @@ from hass.target import Target, load_target
 from hass.tree import TreeConfig
 from hass.verify import SamplingConfig
 
+from .errors import SettingsError
+from .policy import Policy
+
 log = logging.getLogger(__name__)
 
 # draft choices shown in the UI -> how they resolve
 DRAFT_CHOICES = ("shipped HASS", "shipped EAGLE-2", "trained in this app", "random", "path")
 UI_MAX_NEW_TOKENS = 2048
-
-
-class SettingsError(ValueError):
-    """A setting the user gave is invalid; the message says which and why."""
 
 
 # -- per-session data -----------------------------------------------------------------------------
@@ -256,8 +256,9 @@ class Studio:
     training manager. Swapping the model is atomic: a failed load keeps the previous one."""
 
     def __init__(self, target: Target, model_spec: str = "default", draft_spec: str = "default",
-                 training=None):
+                 training=None, policy: Policy | None = None):
         self.target = target
+        self.policy = policy or Policy()
         self.model_spec = model_spec
         self.default_draft_spec = draft_spec
         self._drafts: dict[tuple[int, str], tuple[object, str]] = {}
@@ -268,8 +269,9 @@ class Studio:
         self.tree_defaults, self.tree_source = self._tree_defaults()
 
     @classmethod
-    def load(cls, model_spec: str = "default", draft_spec: str = "default", training=None) -> "Studio":
-        return cls(load_target(model_spec), model_spec, draft_spec, training)
+    def load(cls, model_spec: str = "default", draft_spec: str = "default", training=None,
+             policy: Policy | None = None) -> "Studio":
+        return cls(load_target(model_spec), model_spec, draft_spec, training, policy)
 
     # -- model ---------------------------------------------------------------------------------
     def _tree_defaults(self) -> tuple[TreeConfig, str]:
@@ -283,6 +285,7 @@ class Studio:
 
     def load_model(self, spec: str) -> str:
         """Load another target; on failure raise with the reason and keep the current one."""
+        self.policy.check_model_load()
         spec = (spec or "").strip()
         if not spec:
             raise SettingsError("give a model: 'default', a model folder, a .gguf file or a hub id")
@@ -312,6 +315,7 @@ class Studio:
                 raise SettingsError("no draft has been trained in this app yet (see the Train tab)")
             return str(out)
         if choice == "path":
+            self.policy.check_draft_path()
             if not (path or "").strip():
                 raise SettingsError("give the folder of a draft (model.safetensors + config.json)")
             return path.strip()
@@ -334,12 +338,27 @@ class Studio:
                     raise SettingsError(f"could not load draft {spec!r}: {exc}") from exc
             return self._drafts[key]
 
+    def weights_note(self) -> str:
+        """A warning when a shipped draft runs on other weights than those it was measured on."""
+        folder = shipped_draft(self.target, "hass")
+        if folder is None:
+            return ""
+        try:
+            measured = json.loads((folder / "config.json").read_text()).get("hass", {}).get("target_weights")
+        except (OSError, ValueError):
+            return ""
+        if measured and measured.split(" ")[0] != self.target.weights.split(" ")[0]:
+            return (f" · the shipped drafts were trained and measured on the {measured.split(' ')[0]} weights only: "
+                    "the output stays exact, acceptance may differ")
+        return ""
+
     def shipped(self, kind: str) -> Path | None:
         return shipped_draft(self.target, kind)
 
     # -- decoding ------------------------------------------------------------------------------
     def generator(self, mode: str, ids: list[int], cfg: GenerationConfig, draft_spec: str = "default"):
         """A validated step generator (raises SettingsError at once on a bad setting)."""
+        self.policy.check_new_tokens(cfg.max_new_tokens)
         try:
             if mode == "plain":
                 return plain_generate(self.target, ids, cfg)

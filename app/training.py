@@ -22,6 +22,7 @@ from hass.target import cache_root
 from hass.train import TrainConfig, train
 from visual import training_figure
 
+from .policy import Policy
 from .studio import Session, SettingsError, Studio, _number
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class TrainingJob:
 class TrainingManager:
     """Owns the one-run-at-a-time lock and the current (or last) job."""
 
-    def __init__(self, runs_dir: Path | None = None):
+    def __init__(self, runs_dir: Path | None = None, policy: Policy | None = None):
+        self.policy = policy or Policy()
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.runs_dir = Path(runs_dir) if runs_dir else drafts_root()
@@ -180,6 +182,8 @@ def start(manager: TrainingManager, session: Session, data, budget, minutes, ste
     session = session if session is not None else Session()
     out = manager.runs_dir / time.strftime("draft-%Y%m%d-%H%M%S")
     try:
+        manager.policy.check_data_path(str(data or ""), data_root())
+        manager.policy.train_budget(budget, steps, minutes)
         cfg = make_train_config(data, budget, minutes, steps, n, k, w, lr, out)
         job = manager.start(cfg, session.sid, budget)
     except SettingsError as exc:
@@ -223,6 +227,7 @@ def prepare_small(studio: Studio, n_dialogues, max_len=512) -> tuple[str, str]:
     from hass.data import load_dialogues, prepare
 
     try:
+        studio.policy.check_prepare(n_dialogues)
         n = _number("dialogues", n_dialogues, 1, 5000, True)
         dialogues = load_dialogues(limit=n)
     except (SettingsError, FileNotFoundError, ValueError) as exc:

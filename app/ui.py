@@ -97,9 +97,12 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
             return Session(draft_spec=studio.default_draft_spec)
 
         state = gr.State(fresh_session)
+        public = studio.policy.public
         gr.Markdown(f"# HASS Studio\nLossless speculative decoding with a HASS draft head and an EAGLE-2 "
-                    f"dynamic draft tree · model **{studio.target.name}** · draft **{draft_label}**",
-                    elem_id="hs-title")
+                    f"dynamic draft tree · model **{studio.target.name}** ({studio.target.weights} weights) · "
+                    f"draft **{draft_label}**" + studio.weights_note(), elem_id="hs-title")
+        if public:
+            gr.Markdown(studio.policy.describe(), elem_id="hs-public")
         with gr.Tabs():
             # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
@@ -127,15 +130,18 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                     examples_per_page=9)
                         with gr.Accordion("Settings", open=False, elem_id="hs-settings"):
                             with gr.Row():
-                                model_spec = gr.Textbox(studio.model_spec, label="Model (default, a folder, a .gguf "
-                                                        "file or a hub id; shared by all users)", scale=4,
-                                                        elem_id="hs-model")
-                                model_btn = gr.Button("Load model", scale=1, elem_id="hs-model-load")
+                                model_spec = gr.Textbox(studio.model_spec, label=(
+                                    "Model (fixed by the operator of this public studio)" if public else
+                                    "Model (default, a folder, a .gguf file or a hub id; shared by all users)"),
+                                    scale=4, elem_id="hs-model", interactive=not public)
+                                model_btn = gr.Button("Load model", scale=1, elem_id="hs-model-load",
+                                                      interactive=not public)
                             with gr.Row():
-                                draft_choice = gr.Dropdown(list(DRAFT_CHOICES), value=None, label="Draft", scale=2,
+                                choices = [c for c in DRAFT_CHOICES if not (public and c == "path")]
+                                draft_choice = gr.Dropdown(choices, value=None, label="Draft", scale=2,
                                                            elem_id="hs-draft")
                                 draft_path = gr.Textbox("", label="Draft folder (for 'path')", scale=3,
-                                                        elem_id="hs-draft-path")
+                                                        elem_id="hs-draft-path", visible=not public)
                                 draft_btn = gr.Button("Use draft", scale=1, elem_id="hs-draft-use")
                             settings_status = gr.Markdown(f"draft: **{draft_label}**", elem_id="hs-settings-status")
                             with gr.Row():
@@ -211,7 +217,7 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                             "in the chat. Training shares the CPU with decoding.")
                 with gr.Row():
                     data = gr.Textbox(training.default_data(), label="Prepared feature folder", scale=4,
-                                      elem_id="hs-data")
+                                      elem_id="hs-data", interactive=not public)
                     n_dlg = gr.Number(16, label="…or prepare N dialogues", precision=0, scale=1)
                     prep_btn = gr.Button("Prepare", scale=1)
                 with gr.Row():

@@ -1,4 +1,4 @@
-"""The command line: `python -m hass <command> ...` (generate, prepare, train, eval-draft, cost)."""
+"""The command line: `python -m hass <command> ...` (generate, prepare, train, eval-draft, export, cost)."""
 from __future__ import annotations
 
 import argparse
@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the packaged ShareGPT V3)")
     ds.add_argument("--split", choices=("train", "held-out"), default="train")
     ds.add_argument("--limit", type=int, default=None, help="the first N dialogues of the split")
-    ds.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ds.add_argument("--batch-size", type=int, default=64, help="prompts handed to the decoder together "
+                    "(continuous batching keeps the rows busy inside one hand-over)")
+    ds.add_argument("--engine", choices=("continuous", "static"), default="continuous",
+                    help="continuous batching (rows leave and join as they finish) or static left-padded batches")
     ds.add_argument("--max-new-tokens", type=int, default=384, help="cap per answer")
     ds.add_argument("--max-len", type=int, default=1024, help="a dialogue ends when its prompt leaves no room "
                     "under this length")
@@ -168,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--title", required=True)
     cd.add_argument("--data", type=Path, default=None, help="the prepared data folder (for its counts)")
     cd.add_argument("--command", dest="reproduce", default="", help="the command line that reproduces the run")
+
+    ex = sub.add_parser("export", help="write a draft in the EAGLE layout SGLang or vLLM loads, and print the "
+                        "command that serves it")
+    ex.add_argument("--draft", required=True, help="draft folder, or 'hass' / 'eagle2' (the shipped drafts)")
+    ex.add_argument("--layout", required=True, choices=("sglang", "vllm"), help="the engine to load it")
+    ex.add_argument("--out", required=True, type=Path, help="output folder (written whole, then renamed into place)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--target", default=None, help="the target model the engine serves, for the printed command "
+                    "(default: the hub id of the draft's target when known)")
 
     b = sub.add_parser("bench", help="side-by-side benchmark of plain, HASS, EAGLE-2 and transformers' decoders")
     _add_model_args(b)
@@ -481,7 +493,7 @@ def cmd_distill(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = DistillConfig(max_new_tokens=args.max_new_tokens, max_len=args.max_len, batch_size=args.batch_size,
                         sampled_fraction=args.sampled_fraction, temperature=args.temperature,
-                        max_turns=args.max_turns, seed=args.seed).validate()
+                        max_turns=args.max_turns, seed=args.seed, engine=args.engine).validate()
     if args.measure is None and args.out is None:
         raise ValueError("distill needs --out FILE.jsonl (or --measure B1,B2,... for the throughput table)")
     train_set, held = split(load_dialogues(args.data))
@@ -675,7 +687,24 @@ def cmd_card(args) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+def cmd_export(args) -> int:
+    from .export import engine_commands, export_draft
+    from .target import DEFAULT_HUB_ID, DEFAULT_NAME
+    src = Path(args.draft).expanduser()
+    if args.draft in ("hass", "eagle2"):
+        from .assets import DRAFTS, SHIPPED
+        src = DRAFTS / SHIPPED[DEFAULT_NAME][args.draft]
+    out = export_draft(src, args.out, args.layout, overwrite=args.overwrite)
+    target = args.target
+    if target is None:
+        known = json.loads((out / "config.json").read_text()).get("hass", {}).get("target")
+        target = DEFAULT_HUB_ID if known == DEFAULT_NAME else "<TARGET_MODEL>"
+    print(f"wrote the {args.layout} layout of {src} to {out}\nserve it with:\n")
+    print(engine_commands(out, args.layout, target))
+    return 0
+
+
+COMMANDS = {"card": cmd_card, "export": cmd_export, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
             "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost, "batch": cmd_batch}
 
 
@@ -685,8 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv              # what reproduces this run (written into reports)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .device import fit_threads
     from .draft import DraftLoadError
     from .target import ModelLoadError
+    fit_threads()                 # torch counts the host's cores; a container's CPU quota may be smaller
     try:
         return COMMANDS[args.command](args)
     except (ValueError, ModelLoadError, DraftLoadError, FileNotFoundError) as exc:

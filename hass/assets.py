@@ -1,7 +1,9 @@
 """Where shipped drafts live, and how a `--draft` value becomes a loaded draft head."""
 from __future__ import annotations
 
+import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -15,6 +17,26 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DRAFTS = ASSETS / "drafts"
 SHIPPED = {DEFAULT_NAME: {"hass": "smollm2-135m-hass", "eagle2": "smollm2-135m-eagle2"}}
+
+
+@lru_cache(maxsize=8)
+def _shipped_targets(drafts: Path = DRAFTS) -> dict[str, str]:
+    """identity digest -> target name, from the shipped drafts' config.json (`hass` section)."""
+    out: dict[str, str] = {}
+    for cfg in sorted(drafts.glob("*/config.json")):
+        try:
+            extra = json.loads(cfg.read_text()).get("hass", {}) or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        if extra.get("target_identity") and extra.get("target"):
+            out[str(extra["target_identity"])] = str(extra["target"])
+    return out
+
+
+def known_name(identity: str) -> str | None:
+    """The name the shipped drafts use for the model with this identity (`hass.identity`), so
+    SmolLM2-135M-Instruct loaded from a folder or the hub id finds the drafts the GGUF one does."""
+    return _shipped_targets().get(identity)
 
 
 def shipped_draft(target: Target, kind: str = "hass") -> Path | None:
@@ -47,4 +69,4 @@ def resolve_draft(spec: str | None, target: Target, seed: int = 0,
     if spec in ("none", "random"):
         log.warning("using a random draft: output is exact, but few draft tokens will be accepted")
         return new_draft(target.config, seed=seed).to(target.device, dt).eval(), "random"
-    return load_draft(spec, target.config, target.device, dt), str(Path(spec).expanduser())
+    return load_draft(spec, target.config, target.device, dt), Path(spec).expanduser().resolve().name  # a short name, never a path

@@ -68,6 +68,12 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
     vocab = draft_cfg.get("hass", {}).get("draft_vocab_size") or draft_cfg.get("vocab_size")
     loss = cfg.get("loss", {})
     lines = [f"# {title}", ""]
+    extra = draft_cfg.get("hass", {})
+    if extra.get("target"):
+        lines += [f"Serves **{extra['target']}** (identity `{extra.get('target_identity', '?')}`: its architecture "
+                  "and vocabulary, so it is found however the model is loaded). Trained and measured on the "
+                  f"target's **{extra.get('target_weights', 'unrecorded')}** weights only; with other weights of "
+                  "the same model (e.g. the hub's original ones) the output stays exact, acceptance may differ.", ""]
     lines += ["## Training", "",
               f"- data: `{cfg.get('data')}`" + (f" ({data_meta['counts']['dialogues']} dialogues, "
                                                    f"{data_meta['counts']['tokens']} tokens, "

@@ -62,3 +62,40 @@ def resolve_draft_dtype(dtype: str | torch.dtype, device: torch.device, target_d
             return torch.bfloat16
         return target_dtype
     return resolve_dtype(dtype, device)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: the affinity mask and the cgroup CPU quota.
+
+    `os.cpu_count()` (and torch's default thread count) report the host's cores; in a
+    container (a Hugging Face Space has 2 vCPUs on a large host) the quota is what counts,
+    and running more threads than it allows makes every forward wait on throttling.
+    """
+    import math
+    import os
+    from pathlib import Path
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        parts = Path("/sys/fs/cgroup/cpu.max").read_text().split()      # cgroup v2: "max 100000" or "200000 100000"
+        if parts and parts[0] != "max":
+            quota = int(parts[0]) / int(parts[1])
+    except (OSError, ValueError, IndexError):
+        try:                                                            # cgroup v1
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = q / p if q > 0 and p > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def fit_threads(requested: int = 0, spare: int = 0) -> int:
+    """Set torch's CPU threads: `requested` if > 0, else the usable CPUs minus `spare`
+    (the web app keeps one for its server); never more than torch's own default."""
+    n = requested if requested > 0 else max(1, min(torch.get_num_threads(), usable_cpus() - spare))
+    torch.set_num_threads(n)
+    return n

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .data import Dialogue
 
@@ -58,7 +58,8 @@ class DistillConfig:
 
     max_new_tokens: int = 384
     max_len: int = 1024
-    batch_size: int = 16
+    batch_size: int = 64
+    engine: str = "continuous"
     sampled_fraction: float = 0.25
     temperature: float = 1.0
     max_turns: int = 8
@@ -71,6 +72,8 @@ class DistillConfig:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
         if not 1 <= self.batch_size <= 512:
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
+        if self.engine not in ("continuous", "static"):
+            raise ValueError(f"engine must be 'continuous' or 'static', got {self.engine!r}")
         if not 0.0 <= self.sampled_fraction <= 1.0:
             raise ValueError(f"sampled_fraction must be in [0, 1], got {self.sampled_fraction}")
         if not 0.0 < self.temperature <= 10.0:
@@ -142,6 +145,37 @@ def generate_batch(target, prompts: Sequence[list[int]], max_new_tokens: int, te
     for row in out[:, width:].tolist():
         cut = next((j for j, t in enumerate(row) if t in eos_set), None)
         results.append((row[:cut + 1], "eos") if cut is not None else (row, "length"))
+    return results
+
+
+def generate_continuous(target, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                        seed: int = 0, max_batch_tokens: int = 256) -> list[tuple[list[int], str]]:
+    """`generate_batch` by continuous batching (`transformers`' paged-KV `generate_batch`): a row
+    that finishes leaves the batch at once and a waiting prompt takes its place, so no forward
+    is spent on padding or on rows that already ended. On the 2-core CPU this doubled the kept
+    tokens/s of static batches of 16 (29.7 vs 13.6 on 32 first turns, 192-token cap). Same
+    result format as `generate_batch`; greedy rows give the same tokens up to float rounding."""
+    eos = sorted(target.eos_ids)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=_pad_id(target),
+                           max_batch_tokens=max_batch_tokens,
+                           **(dict(do_sample=False) if temperature == 0 else
+                              dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)))
+    if temperature:
+        torch.manual_seed(seed)
+    with torch.no_grad():           # not inference_mode: the engine resets its static tensors in place
+        res = target.model.generate_batch(inputs=[list(p) for p in prompts], generation_config=gen,
+                                          progress_bar=False)
+    outs = list(res.values())
+    if len(outs) != len(prompts) or any(o.error for o in outs) or \
+            any(list(o.prompt_ids) != list(p) for o, p in zip(outs, prompts)):
+        bad = next((o.error for o in outs if o.error), "missing or reordered results")
+        raise RuntimeError(f"continuous batching failed: {bad}")
+    eos_set = set(eos)
+    results = []
+    for o in outs:
+        ids = list(o.generated_tokens)
+        cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
+        results.append((ids[:cut + 1], "eos") if cut is not None else (ids, "length"))
     return results
 
 
@@ -262,7 +296,8 @@ def distill(target, dialogues: Sequence[Dialogue], out_path: str | Path, cfg: Di
                 continue
             room = min(cfg.max_new_tokens, cfg.max_len - min(len(p) for _, p in rows))
             temp = cfg.temperature if mode == "sampled" else 0.0
-            answers = generate_batch(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
+            run = generate_continuous if cfg.engine == "continuous" else generate_batch
+            answers = run(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
             batch_index += 1
             for (conv, prompt), (ids, stop) in zip(rows, answers):
                 ids = ids[:max(cfg.max_len - len(prompt), 0)]

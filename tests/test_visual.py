@@ -491,3 +491,183 @@ def test_lookup_nodes_get_a_ring_and_lookup_tokens_an_underline():
     assert "underline" not in spans[0][0] and "underline" not in spans[2][0]
     assert summarize([step]).accepted_by_origin == {"draft": 1, "lookup": 1}
     assert "lookup" in C.legend_html()
+
+
+# ---------------------------------------------------------------- tree geometry: nothing overlaps on screen
+# Everything below is in screen pixels, estimated independently of visual/tree.py's own layout maths:
+# a marker is a disc reaching as far as plotly.js draws its symbol (circle: size/2; square: its corner,
+# sqrt(2) * size/2; x: its arm tips, 0.8 * sqrt(5/2) * size/2; star: its points, 1.4 * size/2; plus half
+# the outline); a label is a box starting size/2/0.8 + 1 px right of its marker's centre (plotly.js's
+# 'middle right'), 0.6 em wide per ASCII character (1 em for others: CJK, the label's … ␣ ⏎) and 1.2 em
+# high. (The layout's own estimate is more generous; a headless-browser measurement of these cases
+# found no touching boxes.)
+GEOM_REACH = {"circle": 1.0, "circle-open": 1.0, "square": math.sqrt(2), "x": 0.8 * math.sqrt(2.5), "star": 1.4}
+TREE_PANEL_PX = 380      # a figure without its own width is drawn at least this wide (the app's tree column)
+
+
+def _label_px(text: str, size: float) -> float:
+    import unicodedata
+    raw = html.unescape(text)
+    return size * sum(1.0 if unicodedata.east_asian_width(c) in ("W", "F") or ord(c) > 0x7F else 0.6 for c in raw)
+
+
+def _plot_px(fig) -> tuple[float, float, callable]:
+    """Plot-area width and height in px, and data (x, y) -> px (x from the left, y from the top)."""
+    lay = fig.layout
+    m = lay.margin
+    w = (lay.width or TREE_PANEL_PX) - m.l - m.r
+    h = lay.height - m.t - m.b
+    x0, x1 = lay.xaxis.range
+    if lay.yaxis.range is not None:
+        y0, y1 = lay.yaxis.range             # y0 at the bottom, y1 at the top
+    else:                                     # plotly's autorange: 5% of the span and the widest marker's radius
+        ys = [y for t in fig.data for y in (t.y or []) if y is not None]
+        lo, hi = min(ys), max(ys)
+        pad = 0.05 * (hi - lo) + 10 * max(hi - lo, 1) / h
+        y0, y1 = (hi + pad, lo - pad) if lay.yaxis.autorange == "reversed" else (lo - pad, hi + pad)
+    return w, h, lambda x, y: ((x - x0) / (x1 - x0) * w, (y - y1) / (y0 - y1) * h)
+
+
+def screen_items(fig) -> tuple[dict[int, tuple[float, float, float]], dict[int, tuple[float, float, float, float]]]:
+    """node -> marker disc (cx, cy, reach) and node -> label box (left, top, right, bottom), in px.
+    A lookup ring and its node are one marker (the ring is drawn around the node on purpose)."""
+    _, _, px = _plot_px(fig)
+    discs: dict[int, tuple[float, float, float]] = {}
+    boxes: dict[int, tuple[float, float, float, float]] = {}
+    for t in node_traces(fig):
+        n_pts = len(t.x)
+        sizes = t.marker.size if isinstance(t.marker.size, (list, tuple)) else [t.marker.size] * n_pts
+        line = (t.marker.line.width if t.marker.line and t.marker.line.width is not None else 0) or 0
+        for k, (idx, x, y) in enumerate(zip(t.customdata, t.x, t.y)):
+            cx, cy = px(x, y)
+            r = GEOM_REACH[t.marker.symbol] * sizes[k] / 2 + line / 2
+            idx = int(idx)
+            if idx in discs:
+                assert discs[idx][:2] == (cx, cy), "a node's ring is not centred on it"
+                r = max(r, discs[idx][2])
+            discs[idx] = (cx, cy, r)
+            if t.mode and "text" in t.mode and t.text and t.text[k]:     # a ringed node's label rides on its ring
+                fs = t.textfont.size or 12
+                left = cx + sizes[k] / 2 / 0.8 + 1
+                boxes[idx] = (left, cy - 0.6 * fs, left + _label_px(t.text[k], fs), cy + 0.6 * fs)
+    return discs, boxes
+
+
+def overlaps(fig) -> list[str]:
+    """Every pair of markers, of labels, or of a label and another node's marker that touch on
+    screen, and anything that sticks out of the plot area (which Plotly clips)."""
+    w, h, _ = _plot_px(fig)
+    discs, boxes = screen_items(fig)
+    bad = []
+    nodes = sorted(discs)
+    for a, b in itertools.combinations(nodes, 2):
+        (xa, ya, ra), (xb, yb, rb) = discs[a], discs[b]
+        if math.hypot(xa - xb, ya - yb) < ra + rb:
+            bad.append(f"markers {a} and {b}: {math.hypot(xa - xb, ya - yb):.1f} px apart, need {ra + rb:.1f}")
+    for a, b in itertools.combinations(sorted(boxes), 2):
+        (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[a], boxes[b]
+        if l1 < r2 and l2 < r1 and t1 < b2 and t2 < b1:
+            bad.append(f"labels {a} and {b} intersect: {boxes[a]} / {boxes[b]}")
+    for a, (l, t, r, b) in boxes.items():
+        for v, (cx, cy, rad) in discs.items():
+            if v != a and math.hypot(cx - min(max(cx, l), r), cy - min(max(cy, t), b)) < rad:
+                bad.append(f"label {a} covers marker {v}")
+        if l < 0 or r > w or t < 0 or b > h:
+            bad.append(f"label {a} {boxes[a]} outside the {w:.0f}x{h:.0f} plot")
+    for v, (cx, cy, rad) in discs.items():
+        if cx - rad < 0 or cx + rad > w or cy - rad < 0 or cy + rad > h:
+            bad.append(f"marker {v} at ({cx:.0f}, {cy:.0f}) r {rad:.1f} outside the {w:.0f}x{h:.0f} plot")
+    return bad
+
+
+def _lookup_chain_step() -> tuple[Step, list[str], str]:
+    """root -> a drafted word -> a 10-token lookup chain (6 accepted, the 7th rejected, bonus beside it),
+    plus a drafted side branch; long, broad and wide-character labels."""
+    parents = [-1, 0, 0, 0] + [1] + [4 + k for k in range(9)] + [1, 2, 2]
+    n = len(parents)
+    origin = ["root", "draft", "draft", "both"] + ["lookup"] * 10 + ["draft"] * 3
+    probs = [1.0, 0.95, 0.3, 0.2] + [0.0] * 10 + [0.9, 0.5, 0.45]
+    base = make_tree(parents, [p or 1.0 for p in probs])       # lookup nodes have draft p 0: no log p
+    tree = DraftTree(tokens=base.tokens, parents=parents, depths=base.depths, logp=base.logp, prob=probs,
+                     origin=origin, rule="fitted", expected=5.0)
+    path = [0, 1, 4, 5, 6, 7, 8, 9]
+    step = spec_step(tree, path, bonus=77)
+    texts = ["Hello", " WWWWWWWWWWWW", "中文字符测试", " mmmmmmmm"] + [f" token{k}" for k in range(10)] + \
+        ["<b>&", "\n\n", " ok"]
+    assert len(texts) == n
+    return step, texts, " Wonderful"
+
+
+def _geometry_cases() -> dict[str, tuple[Step, list[str], str | None]]:
+    cases: dict[str, tuple[Step, list[str], str | None]] = {}
+    # the overlap of issue 14: the bonus beside a rejected, most likely first child, in a tree of ~20 rows
+    parents = [-1, 0, 0, 0, 0, 0, 0] + [1] * 5 + [2, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6]
+    probs = [1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1] + [0.95, 0.9, 0.8, 0.6, 0.5] + [0.6] * 11
+    tree = make_tree(parents, probs)
+    texts = [f"w{i}" for i in range(len(parents))]
+    cases["bonus beside a rejected first child"] = (spec_step(tree, [0, 1], bonus=55), texts, " next")
+    cases["small"] = (small_step(), SMALL_TEXTS, " How")
+    cases["deep lookup chain"] = _lookup_chain_step()
+    wide = make_tree([-1] + [0] * 63, [1.0] + [0.99 - 0.015 * k for k in range(63)])
+    cases["63 children, bonus under the root"] = (spec_step(wide, [0]), [f"c{i}" for i in range(64)], "b")
+    deep = random_tree(64, seed=11)
+    leaf_path = deepest_path(deep, 64)
+    cases["random 64, bonus under a leaf"] = (spec_step(deep, leaf_path), [f"tok{i}" for i in range(64)], "end")
+    cut = random_tree(40, seed=5)
+    cases["random 40, no bonus"] = (spec_step(cut, deepest_path(cut, 3), bonus=None), [f" x{i}" for i in range(40)],
+                                     None)
+    cases["root only + bonus"] = (spec_step(make_tree([-1], [1.0]), [0]), ["root"], "bonus")
+    long = random_tree(30, seed=8)
+    cases["long labels"] = (spec_step(long, deepest_path(long, 2)), ["ŴÐ中文字符测试字符WW"[i % 5:] * 2 for i in range(30)],
+                            "終わりの言葉")
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_geometry_cases()))
+def test_tree_markers_and_labels_never_overlap(case):
+    step, texts, bonus_text = _geometry_cases()[case]
+    fig = tree_figure(step, texts, bonus_text=bonus_text)
+    discs, boxes = screen_items(fig)
+    n = len(step.tree.tokens) + (1 if bonus_text is not None else 0)
+    assert sorted(discs) == list(range(n)) and sorted(boxes) == list(range(n))   # every node drawn, labelled
+    bad = overlaps(fig)
+    assert not bad, f"{case}: {len(bad)} overlaps, e.g. " + "; ".join(bad[:5])
+
+
+def test_bonus_gets_its_own_slot_next_to_the_rejected_child():
+    step, texts, bonus_text = _geometry_cases()["bonus beside a rejected first child"]
+    fig = tree_figure(step, texts, bonus_text=bonus_text)
+    xy = node_xy(fig)
+    b = len(step.tree.tokens)
+    rejected = [i for i in step.tree.children(1)]
+    assert {C.REJECTED} == {node_colors(fig)[i] for i in rejected}
+    assert xy[b][0] == xy[rejected[0]][0] and xy[b] not in [xy[i] for i in rejected]
+    rows = sorted(xy[i][1] for i in rejected + [b])
+    assert rows == [rows[0] + k for k in range(len(rows))]       # one slot each, side by side
+    discs, _ = screen_items(fig)
+    assert math.hypot(discs[b][0] - discs[rejected[0]][0], discs[b][1] - discs[rejected[0]][1]) >= \
+        discs[b][2] + discs[rejected[0]][2]
+
+
+def test_tree_legend_keeps_every_role():
+    step, texts, bonus_text = _lookup_chain_step()
+    fig = tree_figure(step, texts, bonus_text=bonus_text)
+    shown = [t.name for t in fig.data if t.showlegend is not False]
+    assert sorted(shown) == sorted([TRACE_NAMES[k] for k in ("root", "accepted", "rejected", "unreached", "bonus",
+                                                             "lookup")])
+    _, h, _ = _plot_px(fig)
+    assert h > 0 and fig.layout.margin.b >= 26 + 29     # the depth ticks and a legend row (29 px drawn) fit below
+
+
+def test_geometry_helper_catches_overlaps():
+    """The checker itself: two markers one px apart, and a label over its neighbour, are reported."""
+    import plotly.graph_objects as go
+    fig = go.Figure(go.Scatter(x=[0, 0.001, 0.12], y=[0, 0, 0], mode="markers+text", name=TRACE_NAMES["accepted"],
+                               customdata=[0, 1, 2], text=["a", "b", "c"], textfont={"size": 10},
+                               marker={"symbol": "circle", "size": 10, "line": {"width": 1}}))
+    fig.update_layout(width=400, height=300, margin={"l": 0, "r": 0, "t": 0, "b": 0})
+    fig.update_xaxes(range=[-1, 2])
+    fig.update_yaxes(range=[6, -1])
+    bad = overlaps(fig)
+    assert any(s.startswith("markers 0 and 1") for s in bad) and any(s.startswith("labels 0 and 1") for s in bad)
+    assert any(s == "label 0 covers marker 2" for s in bad) and not any(s.startswith("markers 1 and 2") for s in bad)

@@ -5,7 +5,9 @@ step from its stored events, and the tests can check every position and colour.
 """
 from __future__ import annotations
 
+import html
 import math
+import unicodedata
 
 import plotly.graph_objects as go
 
@@ -21,6 +23,22 @@ ROOT, ACCEPTED, REJECTED_ROLE, UNREACHED_ROLE = "root", "accepted", "rejected", 
 TRACE_NAMES = {ROOT: "root (last token)", ACCEPTED: "accepted draft", REJECTED_ROLE: "first rejected",
                UNREACHED_ROLE: "unreached", "bonus": "target bonus", "lookup": "lookup candidate (ring)"}
 LABEL_CHARS = 9
+LABEL_SIZE = 10             # px, node label font
+# Pixel layout. Every size below is in screen pixels, so that no two markers and no two labels
+# overlap whatever the tree: rows are ROW_PX apart (more than the two widest markers' reach),
+# columns are as wide as the widest label plus the next column's widest marker, and the
+# figure's height (and, for trees too wide for the panel, its width) follows from them.
+ROW_PX = 28
+GAP_PX = 4                  # clear space between a label and the next column's markers
+PANEL_MIN_WIDTH = 380       # px: the narrowest tree panel (the app's column has min_width 420, less padding);
+                            # a figure that fits it keeps Plotly's autosize, a wider one gets its own width
+MARGIN = {"l": 16, "r": 16, "t": 44}
+TICKS_PX = 26               # below the plot: the depth tick labels, then the legend
+LEGEND_ROW_PX, LEGEND_PAD_PX = 20, 24      # a legend row; the legend's own padding and the space under it
+# how far a symbol reaches from its centre, in units of size / 2 (from plotly.js's symbol paths:
+# a circle's radius, a square's corner, the x's arm tips at 1.265, the star's points at 1.4)
+SYMBOL_REACH = {"circle": 1.0, "circle-open": 1.0, "square": math.sqrt(2), "x": 1.27, "star": 1.4}
+RING_SIZE, RING_LINE, BONUS_SIZE, ROOT_SIZE = 21, 2.5, 17, 13
 # a white halo around node labels, so edges fanning out of a node never hide its token
 LABEL_HALO = "1px 1px 1px #FFFFFF, -1px -1px 1px #FFFFFF, 1px -1px 1px #FFFFFF, -1px 1px 1px #FFFFFF"
 
@@ -100,6 +118,46 @@ def tree_positions(parents: list[int], probs: list[float] | None = None,
     return [(depth[i], y[i]) for i in range(count)]
 
 
+def marker_reach(symbol: str, size: float, line_width: float = 1.0) -> float:
+    """Pixels from a marker's centre to its farthest drawn point (outline included)."""
+    return SYMBOL_REACH[symbol] * size / 2 + line_width / 2
+
+
+def text_px(text: str, size: float = LABEL_SIZE) -> float:
+    """A generous width estimate of a plot label in pixels (Plotly cannot be asked before the
+    browser draws it): wide (CJK, emoji) characters 1.1 em; other non-ASCII characters (the
+    label's …, ␣, ⏎ glyphs, accented capitals) and @ % M W 1 em; other capitals, m and w 0.85
+    em; the rest 0.62 em. `text` is the escaped label (&lt; counts as one character)."""
+    w = 0.0
+    for ch in html.unescape(text):
+        if unicodedata.east_asian_width(ch) in ("W", "F") or ord(ch) > 0xFFFF:
+            w += 1.1
+        elif ord(ch) > 0x7F or ch in "@%MW":
+            w += 1.0
+        elif ch.isupper() or ch in "mw&":
+            w += 0.85
+        else:
+            w += 0.62
+    return w * size
+
+
+def label_offset(size: float) -> float:
+    """Pixels between a marker's centre and the start of its 'middle right' label (plotly.js
+    puts the text radius / 0.8 + 1 to the right of the centre)."""
+    return size / 2 / 0.8 + 1
+
+
+def _legend_rows(names: list[str], plot_px: float) -> int:
+    """Rows of the horizontal legend (an entry: 40 px of symbol and padding plus its text)."""
+    rows, x = 1, 0.0
+    for name in names:
+        w = 40 + text_px(name, 10)
+        if x and x + w > plot_px:
+            rows, x = rows + 1, 0.0
+        x += w
+    return rows
+
+
 def has_bonus(step: Step) -> bool:
     """True when the step ends with the target's bonus token (a stop can cut it off)."""
     return bool(step.sources) and step.sources[-1] == "bonus"
@@ -157,6 +215,12 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
     node after the last accepted node. choice_texts: optional text of `step.target_choice`
     per node; without it the target's choice is named from tree/bonus texts or by token id.
     A non-speculative step gives an explanatory empty figure.
+
+    No two markers and no two labels overlap on screen (`_pixel_layout`): rows are ROW_PX
+    apart, columns as wide as the widest label needs, so a bushy tree makes a tall figure and
+    a deep or long-labelled one a wide figure (an explicit `width` once it needs more than
+    PANEL_MIN_WIDTH; the panel showing it should then scroll sideways). The bonus has its own
+    row among its parent's children (`tree_positions`), next to the rejected guesses.
     """
     tree = step.tree
     if step.kind != "speculative" or tree is None:
@@ -233,26 +297,35 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
         ACCEPTED: ("circle", lambda i: depth_color(depths[i]), MARKER_LINE, INK),
         ROOT: ("square", lambda i: TARGET, MARKER_LINE, INK),
     }
+    sizes = [ROOT_SIZE if roles[i] == ROOT else 7 + 13 * max(0.0, min(1.0, tree.prob[i])) for i in range(n)]
+    labels = [label(token_texts[i], LABEL_CHARS) for i in range(n)]
+    reach = [marker_reach(styles[roles[i]][0], sizes[i]) for i in range(n)]
+    found = [i for i in range(1, n) if i < len(tree.origin) and tree.origin[i] in ("lookup", "both")]
+    ringed = set(found)
     for role, (symbol, fill, line, text_col) in styles.items():
         idx = [i for i in range(n) if roles[i] == role]
         if not idx:
             continue
         fig.add_trace(go.Scatter(
             x=[pos[i][0] for i in idx], y=[pos[i][1] for i in idx], mode="markers+text", name=TRACE_NAMES[role],
-            customdata=idx, text=[label(token_texts[i], LABEL_CHARS) for i in idx], textposition="middle right",
-            textfont={"size": 10, "color": text_col, "shadow": LABEL_HALO}, hovertext=[hover(i) for i in idx],
+            customdata=idx, text=["" if i in ringed else labels[i] for i in idx], textposition="middle right",
+            textfont={"size": LABEL_SIZE, "color": text_col, "shadow": LABEL_HALO}, hovertext=[hover(i) for i in idx],
             hoverinfo="text",
-            marker={"symbol": symbol, "color": [fill(i) for i in idx],
-                    "size": [13 if role == ROOT else 7 + 13 * max(0.0, min(1.0, tree.prob[i])) for i in idx],
+            marker={"symbol": symbol, "color": [fill(i) for i in idx], "size": [sizes[i] for i in idx],
                     "line": {"width": 1, "color": line}},
         ))
-    found = [i for i in range(1, n) if i < len(tree.origin) and tree.origin[i] in ("lookup", "both")]
     if found:        # lookup candidates: a ring around the node (its fill still says accepted / rejected / ...)
+        # the ring carries the node's label, so that Plotly starts the text clear of the ring
         fig.add_trace(go.Scatter(
-            x=[pos[i][0] for i in found], y=[pos[i][1] for i in found], mode="markers", name=TRACE_NAMES["lookup"],
-            hoverinfo="skip", customdata=found,
-            marker={"symbol": "circle-open", "size": 21, "color": LOOKUP_RING, "line": {"width": 2.5}},
+            x=[pos[i][0] for i in found], y=[pos[i][1] for i in found], mode="markers+text",
+            name=TRACE_NAMES["lookup"], hoverinfo="skip", customdata=found, text=[labels[i] for i in found],
+            textposition="middle right",
+            textfont={"size": LABEL_SIZE, "color": [styles[roles[i]][3] for i in found], "shadow": LABEL_HALO},
+            marker={"symbol": "circle-open", "size": RING_SIZE, "color": LOOKUP_RING, "line": {"width": RING_LINE}},
         ))
+        for i in found:
+            reach[i] = max(reach[i], marker_reach("circle-open", RING_SIZE, RING_LINE))
+            sizes[i] = RING_SIZE       # the label's offset follows the marker that carries it
     if bonus:
         k = len(step.new_tokens) - 1
         p_bonus = step.target_prob[k] if k < len(step.target_prob) else None
@@ -261,28 +334,58 @@ def tree_figure(step: Step, token_texts: list[str], bonus_text: str | None = Non
                else "the tree had no deeper guess here")
         hov = (f"<b>{_quoted(text)}</b>  target bonus · depth {depths[last] + 1}<br>"
                f"the target's own token: {why}<br>target p {_fmt(p_bonus)}")
+        sizes.append(BONUS_SIZE)
+        labels.append(label(text, LABEL_CHARS))
+        reach.append(marker_reach("star", BONUS_SIZE))
         fig.add_trace(go.Scatter(
             x=[pos[n][0]], y=[pos[n][1]], mode="markers+text", name=TRACE_NAMES["bonus"], customdata=[n],
-            text=[label(text, LABEL_CHARS)], textposition="middle right",
-            textfont={"size": 10, "color": INK, "shadow": LABEL_HALO},
+            text=[labels[n]], textposition="middle right",
+            textfont={"size": LABEL_SIZE, "color": INK, "shadow": LABEL_HALO},
             hovertext=[hov], hoverinfo="text",
-            marker={"symbol": "star", "size": 17, "color": [BONUS], "line": {"width": 1, "color": MARKER_LINE}},
+            marker={"symbol": "star", "size": BONUS_SIZE, "color": [BONUS], "line": {"width": 1, "color": MARKER_LINE}},
         ))
 
-    max_x = max(x for x, _ in pos)
-    slots = max(y for _, y in pos) + 1
-    fig.update_xaxes(range=[-0.35, max_x + 0.95], tickvals=list(range(max_x + 1)),
-                     ticktext=["root"] + [f"d{d}" for d in range(1, max_x + 1)], showgrid=False, zeroline=False)
-    fig.update_yaxes(visible=False, autorange="reversed")
     if title is None:
         tail = " + bonus" if bonus else (f" · stop: {step.stop_reason}" if step.stop_reason else "")
         where = "" if tree.children(last) else " (path reached a leaf)"
         size = f"{n} nodes" + (f" (fitted: {tree.expected:.2f} tokens expected)" if tree.rule == "fitted" else "")
         title = f"Step {step.index}: {len(path) - 1} accepted{tail}{where} · {size}"
-    height = int(min(960, max(300, 110 + 16 * slots)))
-    apply_theme(fig, title, height, uirevision)
-    fig.update_layout(plot_bgcolor=PAPER, hovermode="closest")
+    _pixel_layout(fig, pos, sizes, labels, reach, title, uirevision)
     return fig
+
+
+def _pixel_layout(fig: go.Figure, pos: list[tuple[int, float]], sizes: list[float], labels: list[str],
+                  reach: list[float], title: str, uirevision: str) -> None:
+    """Axis ranges, margins, height and (when needed) width so that, in pixels, neighbouring
+    rows are ROW_PX apart and a column is wider than its widest label plus the widest marker
+    of the next column: no marker or label can touch another one."""
+    r_max = max(reach)
+    right = [label_offset(sizes[i]) + text_px(labels[i]) for i in range(len(pos))]   # label end, from the centre
+    max_x = max(x for x, _ in pos)
+    col_px = max(max(right) + GAP_PX + r_max, 2 * r_max + 3 * GAP_PX)
+    left_px = max(reach[i] for i in range(len(pos)) if pos[i][0] == 0) + GAP_PX + 8
+    right_px = max(max(right[i] for i in range(len(pos)) if pos[i][0] == max_x), r_max) + GAP_PX
+    plot_w = left_px + col_px * max_x + right_px
+    width = plot_w + MARGIN["l"] + MARGIN["r"]
+    width = None if width <= PANEL_MIN_WIDTH else math.ceil(width)
+    shown_w = (width or PANEL_MIN_WIDTH) - MARGIN["l"] - MARGIN["r"]
+    fig.update_xaxes(range=[-left_px / col_px, max_x + right_px / col_px], tickvals=list(range(max_x + 1)),
+                     ticktext=["root"] + [f"d{d}" for d in range(1, max_x + 1)], showgrid=False, zeroline=False)
+
+    last_row = max(y for _, y in pos)
+    pad = max(0.5, (r_max + GAP_PX) / ROW_PX)           # rows of room above the first and below the last node
+    plot_h = ROW_PX * (last_row + 2 * pad)
+    names = [t.name for t in fig.data if t.showlegend is not False and t.name in TRACE_NAMES.values()]
+    bottom = TICKS_PX + LEGEND_ROW_PX * _legend_rows(names, shown_w) + LEGEND_PAD_PX
+    height = MARGIN["t"] + plot_h + bottom
+    if height < 300:                                     # a small tree: spread the rows over the minimum height
+        plot_h += 300 - height
+        height = 300
+    fig.update_yaxes(visible=False, range=[last_row + pad, -pad])      # reversed: the first row on top
+    apply_theme(fig, title, math.ceil(height), uirevision)
+    fig.update_layout(plot_bgcolor=PAPER, hovermode="closest", width=width,
+                      margin={**MARGIN, "b": bottom},
+                      legend={"y": -TICKS_PX / plot_h, "yanchor": "top"})
 
 
 def mask_figure(step: Step, token_texts: list[str], title: str | None = None, *,
