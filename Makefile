@@ -4,15 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-cache browser
+.PHONY: setup demo test clean-cache browser space-check
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-data.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt tools/install.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -r requirements.txt
-	$(BIN)/pip install --no-deps -r requirements-data.txt
+	sh tools/install.sh $(BIN)/python dev
 	touch $(STAMP)
 
 demo: setup
@@ -26,6 +25,11 @@ browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 		echo "note: install Debian's chromium (apt-get install chromium) for the browser tests"
+
+# The Space's build and start, offline: a fresh venv from tools/install.sh (runtime only),
+# SPACE_ID set, app.py started, one chat answered through gradio_client, then stopped (~4 min).
+space-check: setup
+	$(BIN)/python tools/space_check.py
 
 clean-cache:
 	rm -rf $${HASS_CACHE:-$$HOME/.cache/hass-studio}/models

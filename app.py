@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     on_spaces = bool(os.environ.get("SPACE_ID"))
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1")
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
+    logging.getLogger("hass-studio").info("serving on %s:%d (%s), %d torch threads", host, args.port,
+                                          "a Space: SPACE_ID is set" if on_spaces else "local", threads)
     demo, style = build_app(args.model, args.draft, args.public)
     demo.launch(server_name=host, server_port=args.port, share=args.share, css=style, show_error=True)
 

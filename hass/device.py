@@ -1,6 +1,10 @@
 """Device and dtype resolution: one place decides, nothing is hard-coded elsewhere."""
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
 
 _DTYPES = {
@@ -64,27 +68,24 @@ def resolve_draft_dtype(dtype: str | torch.dtype, device: torch.device, target_d
     return resolve_dtype(dtype, device)
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup: Path | str = "/sys/fs/cgroup") -> int:
     """CPUs this process may really use: the affinity mask and the cgroup CPU quota.
 
     `os.cpu_count()` (and torch's default thread count) report the host's cores; in a
     container (a Hugging Face Space has 2 vCPUs on a large host) the quota is what counts,
     and running more threads than it allows makes every forward wait on throttling.
     """
-    import math
-    import os
-    from pathlib import Path
-
+    cgroup = Path(cgroup)
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = None
-    try:
-        parts = Path("/sys/fs/cgroup/cpu.max").read_text().split()      # cgroup v2: "max 100000" or "200000 100000"
-        if parts and parts[0] != "max":
+    try:                                                  # cgroup v2: "max 100000" or "200000 100000"
+        parts = (cgroup / "cpu.max").read_text().split()
+        if parts[0] != "max":
             quota = int(parts[0]) / int(parts[1])
     except (OSError, ValueError, IndexError):
-        try:                                                            # cgroup v1
-            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        try:                                              # cgroup v1
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            p = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
             quota = q / p if q > 0 and p > 0 else None
         except (OSError, ValueError):
             quota = None
