@@ -562,8 +562,8 @@ def cmd_eval_draft(args) -> int:
             acc = ", ".join(f"{a:.3f}" for a in report["heldout"]["accuracy_per_pass"])
             print(f"held-out top-1 accuracy per pass: {acc} ({report['heldout']['tokens']} tokens)")
         for name, v in sets.items():
-            print(f"{name:>10}: tau {v['tau']:.3f}  macro {v['tau_macro']:.3f}  per-depth "
-                  + " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"]))
+            print(f"{name:>10}: tau {v['tau']:.3f}  macro {v['tau_macro']:.3f}  draft-vocabulary coverage "
+                  f"{v['vocab_coverage']:.3f}  per-depth " + " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"]))
         print(f"{'mean':>10}: tau {report['mean_tau']:.3f}  macro {report['mean_tau_macro']:.3f}")
     return 0
 

@@ -112,11 +112,14 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
             lines.append(f"Held-out top-1 accuracy per alignment pass: {acc} "
                          f"({ev['heldout']['tokens']} tokens, {ev['heldout']['dialogues']} dialogues).")
             lines.append("")
-        lines += ["| set | tau (pooled) | tau (macro) | per-depth acceptance |", "|---|---|---|---|"]
+        cov = all("vocab_coverage" in v for v in ev["sets"].values())
+        lines += ["| set | tau (pooled) | tau (macro) | per-depth acceptance |" + (" target tokens in the draft "
+                  "vocabulary |" if cov else ""), "|---|---|---|---|" + ("---|" if cov else "")]
         for name, v in ev["sets"].items():
             pda = " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"])
-            lines.append(f"| {name} | {v['tau']:.3f} | {v['tau_macro']:.3f} | {pda} |")
-        lines.append(f"| mean | {ev['mean_tau']:.3f} | {ev['mean_tau_macro']:.3f} | |")
+            lines.append(f"| {name} | {v['tau']:.3f} | {v['tau_macro']:.3f} | {pda} |"
+                         + (f" {v['vocab_coverage']:.1%} |" if cov else ""))
+        lines.append(f"| mean | {ev['mean_tau']:.3f} | {ev['mean_tau_macro']:.3f} | |" + (" |" if cov else ""))
     path = folder / "card.md"
     path.write_text("\n".join(lines) + "\n")
     return path

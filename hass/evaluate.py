@@ -62,6 +62,16 @@ class TauResult:
     per_depth_acceptance: list[float]
     prompts: int
     new_tokens: int
+    vocab_coverage: float = 1.0   # share of the target's greedy tokens inside the draft's vocabulary
+
+
+def vocab_coverage(draft: DraftHead, tokens: list[int]) -> float:
+    """Share of `tokens` the draft can propose at all: with a reduced vocabulary (token map)
+    every other token is a guaranteed miss, whatever the draft learns."""
+    if draft.token_map is None or not tokens:
+        return 1.0
+    inside = torch.isin(torch.tensor(tokens), draft.token_map.cpu())
+    return float(inside.double().mean())
 
 
 def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_new_tokens: int = 128,
@@ -75,7 +85,9 @@ def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_
         all_steps.extend(steps)
         macro.append(summarize(steps).tau)
     s = summarize(all_steps)
-    return TauResult(s.tau, sum(macro) / max(len(macro), 1), s.per_depth_acceptance, len(macro), s.new_tokens)
+    tokens = [t for st in all_steps for t in st.new_tokens]
+    return TauResult(s.tau, sum(macro) / max(len(macro), 1), s.per_depth_acceptance, len(macro), s.new_tokens,
+                     vocab_coverage(draft, tokens))
 
 
 def training_curve(target: Target, run_dir: str, sets: list[str], questions: int, max_new_tokens: int,

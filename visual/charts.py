@@ -6,7 +6,7 @@ numbers of the CLI and the benchmark.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -52,6 +52,40 @@ def depth_acceptance_figure(series: Mapping[str, Summary | list[Step]], title: s
     return apply_theme(fig, title or "Acceptance by depth", PANEL_HEIGHT, uirevision)
 
 
+def pass_accuracy_figure(series: Mapping[str, Sequence[float] | None], title: str | None = None, *,
+                         uirevision: str = "hass-passes") -> go.Figure:
+    """Held-out top-1 accuracy per alignment pass, one bar group per pass and one series per
+    draft (from each draft's card, `eval.json` heldout.accuracy_per_pass). Pass 1 predicts
+    from the target's features; pass j > 1 from the draft's own features of pass j - 1, as
+    when it drafts j tokens ahead. A draft given as None has no evaluation: the figure says
+    so instead of drawing a bar."""
+    title = title or "Held-out accuracy per alignment pass"
+    known = {name: list(v) for name, v in series.items() if v}
+    missing = [name for name, v in series.items() if not v]
+    if not known:
+        return empty_figure("no evaluated draft: " + ", ".join(missing) + " not evaluated" if missing
+                            else "no draft to compare", title, uirevision=uirevision)
+    colors = series_colors(list(known))
+    fig = go.Figure()
+    for name, acc in known.items():
+        fig.add_trace(go.Bar(
+            x=[f"pass {j}" for j in range(1, len(acc) + 1)], y=acc, name=name,
+            marker={"color": colors[name], "line": {"width": 1, "color": MARKER_LINE}},
+            hovertemplate=f"<b>{_plotly_text(name)}</b><br>%{{x}}: %{{y:.1%}} top-1 (held out)<extra></extra>",
+            texttemplate="%{y:.0%}", textposition="outside", textfont={"size": 9}, cliponaxis=False,
+        ))
+    top = max(max(v) for v in known.values())
+    fig.update_layout(barmode="group", bargap=0.25)
+    fig.update_xaxes(title_text="alignment pass (pass j: drafting j tokens ahead, from its own features)")
+    fig.update_yaxes(title_text="top-1 accuracy (held out)", range=[0, min(1.0, top * 1.25 + 0.02)],
+                     tickformat=".0%")
+    if missing:
+        fig.add_annotation(text=" · ".join(f"{m}: not evaluated" for m in missing), showarrow=False, x=1, y=1,
+                           xref="paper", yref="paper", xanchor="right", yanchor="bottom",
+                           font={"size": 10, "color": "#555555"})
+    return apply_theme(fig, title, PANEL_HEIGHT, uirevision)
+
+
 def _plotly_text(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("%{", "%&#123;")
 
@@ -83,9 +117,21 @@ def speedups(races: Mapping[str, list[Step]]) -> dict[str, float]:
     return out
 
 
+def speed_words(ratio: float, base: str = "plain") -> str:
+    """A speed ratio in words that read one way only: '1.24× faster than plain', or below one
+    '0.80× the speed of plain: plain is 1.25× faster' (never '0.80× slower')."""
+    if round(ratio, 2) == 1.0:
+        return f"as fast as {base} (1.00×)"
+    if ratio > 1:
+        return f"{ratio:.2f}× faster than {base}"
+    if ratio <= 0:
+        return f"{ratio:.2f}× the speed of {base}"
+    return f"{ratio:.2f}× the speed of {base}: {base} is {1 / ratio:.2f}× faster"
+
+
 def speedup_title(races: Mapping[str, list[Step]]) -> str:
     """'HASS 2.31× faster than plain (45.1 vs 19.5 tok/s)' - the live headline of a race; a
-    ratio below 1 says 'slower than plain: plain is 1.25× faster'."""
+    ratio below 1 says 'HASS 0.80× the speed of plain: plain is 1.25× faster'."""
     tps = {name: summarize(list(steps)).tokens_per_s for name, steps in races.items()}
     ratios = speedups(races)
     base = plain_key(races)
@@ -93,18 +139,8 @@ def speedup_title(races: Mapping[str, list[Step]]) -> str:
         return "Tokens over time · " + " · ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items())
     if len(ratios) == 1:
         (name, r), = ratios.items()
-        return f"{name} {r:.2f}× {_verdict(r, base)} ({tps[name]:.1f} vs {tps[base]:.1f} tok/s)"
-    return f"Speedup vs {base}: " + " · ".join(f"{n} {r:.2f}× ({'faster' if r >= 1 else 'slower'})"
-                                                for n, r in ratios.items())
-
-
-def _verdict(ratio: float, base: str) -> str:
-    """'faster than plain' or, honestly, 'slower than plain: plain is 1.25× faster'."""
-    if ratio >= 1:
-        return f"faster than {base}"
-    if ratio <= 0:
-        return f"slower than {base}"
-    return f"slower than {base}: {base} is {1 / ratio:.2f}× faster"
+        return f"{name} {speed_words(r, base)} ({tps[name]:.1f} vs {tps[base]:.1f} tok/s)"
+    return f"Speed against {base}: " + " · ".join(f"{n} {speed_words(r, base)}" for n, r in ratios.items())
 
 
 def speedup_figure(races: Mapping[str, list[Step]], title: str | None = None, *,
@@ -269,5 +305,5 @@ def batch_heatmap(accepted: list[list[int]], title: str | None = None, *,
     return apply_theme(fig, title or f"Batch acceptance · mean {mean:.2f} per cycle", height, uirevision)
 
 
-__all__ = ["depth_acceptance_figure", "speedup_figure", "speedups", "speedup_title", "plain_key",
-           "time_split_figure", "accept_length_figure", "training_figure", "batch_heatmap"]
+__all__ = ["depth_acceptance_figure", "pass_accuracy_figure", "speedup_figure", "speedups", "speedup_title",
+           "speed_words", "plain_key", "time_split_figure", "accept_length_figure", "training_figure", "batch_heatmap"]
