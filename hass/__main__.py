@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--max-turns", type=int, default=8)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ds.add_argument("--measure-engines", type=int, default=0, metavar="N",
+                    help="kept tokens/s of static vs continuous batching on N first-turn prompts (192-token cap)")
     ds.add_argument("--measure", default=None, metavar="B1,B2,...",
                     help="instead of distilling: tokens/s of batched generation at these batch sizes (a table)")
 
@@ -488,13 +490,13 @@ def cmd_distill(args) -> int:
     import torch
 
     from .data import load_dialogues, split
-    from .distill import DistillConfig, distill, measure_generation
+    from .distill import DistillConfig, distill, measure_engines, measure_generation
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DistillConfig(max_new_tokens=args.max_new_tokens, max_len=args.max_len, batch_size=args.batch_size,
                         sampled_fraction=args.sampled_fraction, temperature=args.temperature,
                         max_turns=args.max_turns, seed=args.seed, engine=args.engine).validate()
-    if args.measure is None and args.out is None:
+    if args.measure is None and not args.measure_engines and args.out is None:
         raise ValueError("distill needs --out FILE.jsonl (or --measure B1,B2,... for the throughput table)")
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held
@@ -508,6 +510,15 @@ def cmd_distill(args) -> int:
         for r in rows:
             print(f"| {r['batch_size']} | {r['dtype']} | {r['kernels']} | {torch.get_num_threads()} | "
                   f"{r['tokens_per_s']:.1f} |")
+        return 0
+    if args.measure_engines:
+        prompts = [target.render([m for m in d.messages if m["role"] != "assistant"][:1]) for d in dialogues[:200]]
+        prompts = [p for p in prompts if len(p) <= 400][:args.measure_engines]
+        rows = measure_engines(target, prompts)
+        print("| engine | prompts | cap | kept tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['engine']} | {r['prompts']} | {r['cap']} | {r['new_tokens']} | {r['seconds']} | "
+                  f"{r['tokens_per_s']} |")
         return 0
     summary = distill(target, dialogues, args.out, cfg, limit=args.limit)
     print(json.dumps({**summary.__dict__, "tokens_per_s": round(summary.tokens_per_s, 1)}))

@@ -372,6 +372,26 @@ def measure_generation(target, prompts: Sequence[list[int]], batch_sizes: Sequen
     return rows
 
 
+def measure_engines(target, prompts: Sequence[list[int]], new_tokens: int = 192, static_batch: int = 16) -> list[dict]:
+    """Kept tokens/s of the two engines on the same prompts, answers ending at EOS or the cap
+    as in `distill` (static: left-padded batches of `static_batch`, each running until its
+    longest row ends; continuous: all prompts handed over at once)."""
+    rows = []
+    for engine in ("static", "continuous"):
+        t = time.perf_counter()
+        if engine == "static":
+            outs = [o for i in range(0, len(prompts), static_batch)
+                    for o in generate_batch(target, prompts[i:i + static_batch], new_tokens)]
+        else:
+            outs = generate_continuous(target, prompts, new_tokens)
+        sec = time.perf_counter() - t
+        kept = sum(len(ids) for ids, _ in outs)
+        rows.append({"engine": engine, "prompts": len(prompts), "cap": new_tokens, "new_tokens": kept,
+                     "seconds": round(sec, 1), "tokens_per_s": round(kept / sec, 1)})
+        log.info("%s: %.1f tokens/s", engine, rows[-1]["tokens_per_s"])
+    return rows
+
+
 def generate_batch_fixed(target, prompts: Sequence[list[int]], new_tokens: int) -> None:
     """Greedy decoding of exactly `new_tokens` per row (no EOS stop): the throughput probe."""
     pad = _pad_id(target)
@@ -381,4 +401,5 @@ def generate_batch_fixed(target, prompts: Sequence[list[int]], new_tokens: int) 
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
 
-__all__ = ["DistillConfig", "DistillSummary", "distill", "done_ids", "generate_batch", "loop_cut", "measure_generation"]
+__all__ = ["DistillConfig", "DistillSummary", "distill", "done_ids", "generate_batch", "generate_continuous", "loop_cut",
+           "measure_engines", "measure_generation"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 
 from hass.data import Dialogue, load_dialogues
@@ -84,3 +86,16 @@ def test_loop_stop_ends_only_looping_rows():
     assert ids.shape[1] - len(prompt) == 16
     assert stop(ids, None).tolist() == [True, False]
     assert stop(ids[:, :-1], None).tolist() == [False, False]     # checked every 16 tokens only
+
+
+def test_continuous_batching_gives_the_static_engines_greedy_answers(tiny_target):
+    """The default engine (rows leave and join as they finish) changes the schedule, not the
+    text: greedy answers equal the left-padded static batch's, EOS stops included."""
+    from hass.distill import generate_batch, generate_continuous
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, tiny_target.vocab_size, (n,), generator=gen).tolist() for n in (3, 9, 5, 14, 7)]
+    cont = generate_continuous(tiny_target, prompts, 12)
+    static = generate_batch(tiny_target, prompts, 12)
+    assert cont == static
+    assert {stop for _, stop in static} <= {"eos", "length"} and all(len(ids) <= 12 for ids, _ in cont)
