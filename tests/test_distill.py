@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 import pytest
+import torch
 
 from hass.data import Dialogue, load_dialogues
 from hass.distill import DistillConfig, distill, done_ids, loop_cut
