@@ -520,6 +520,11 @@ def cmd_distill(args) -> int:
             print(f"| {r['engine']} | {r['prompts']} | {r['cap']} | {r['new_tokens']} | {r['seconds']} | "
                   f"{r['tokens_per_s']} |")
         return 0
+    import signal
+
+    def _stop(signum, frame):       # `kill` (SIGTERM) stops like Ctrl-C: answered turns are written
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _stop)
     summary = distill(target, dialogues, args.out, cfg, limit=args.limit)
     print(json.dumps({**summary.__dict__, "tokens_per_s": round(summary.tokens_per_s, 1)}))
     return 0

@@ -17,8 +17,10 @@ Each dialogue is answered greedily or sampled (temperature `temperature`), chose
 hash of its id so the choice is stable across restarts and growth; see `DistillConfig`.
 Output: a JSONL of `{"id", "messages", "mode", "stops", ...}` records that
 `hass.data.load_dialogues` (and so `python -m hass prepare --data`) reads unchanged. A
-record is appended (and flushed) only when all its turns are answered, so a killed run
-loses at most the dialogues in flight and a restart skips every id already written.
+record is appended (and flushed) when all its turns are answered; on an interrupt (Ctrl-C,
+SIGINT, SIGTERM from the CLI) dialogues in progress are written up to their last answered
+turn, so a stopped run loses only the generate call in flight, and a restart skips every
+id already written.
 """
 from __future__ import annotations
 
@@ -288,49 +290,60 @@ def distill(target, dialogues: Sequence[Dialogue], out_path: str | Path, cfg: Di
     bar = tqdm(total=len(todo), desc="distill", unit="dlg", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     batch_index = 0
+    rows: list[tuple[_Conversation, list[int]]] = []
     with open(out, "a", encoding="utf-8") as sink:
-        while queues["greedy"] or queues["sampled"]:
-            mode = max(queues, key=lambda m: len(queues[m]))
-            q = queues[mode]
-            rows: list[tuple[_Conversation, list[int]]] = []
-            while q and len(rows) < cfg.batch_size:
-                conv = q.popleft()
-                prompt = target.render(conv.next_messages())
-                if len(prompt) + 1 >= cfg.max_len:          # no room left for an answer
-                    conv.done = True
-                    _finish(conv, sink, summary, bar)
+        try:
+            while queues["greedy"] or queues["sampled"]:
+                mode = max(queues, key=lambda m: len(queues[m]))
+                q = queues[mode]
+                rows = []
+                while q and len(rows) < cfg.batch_size:
+                    conv = q.popleft()
+                    prompt = target.render(conv.next_messages())
+                    if len(prompt) + 1 >= cfg.max_len:          # no room left for an answer
+                        conv.done = True
+                        _finish(conv, sink, summary, bar)
+                        continue
+                    rows.append((conv, prompt))
+                if not rows:
                     continue
-                rows.append((conv, prompt))
-            if not rows:
-                continue
-            room = min(cfg.max_new_tokens, cfg.max_len - min(len(p) for _, p in rows))
-            temp = cfg.temperature if mode == "sampled" else 0.0
-            run = generate_continuous if cfg.engine == "continuous" else generate_batch
-            answers = run(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
-            batch_index += 1
-            for (conv, prompt), (ids, stop) in zip(rows, answers):
-                ids = ids[:max(cfg.max_len - len(prompt), 0)]
-                if stop == "eos" and (not ids or ids[-1] not in target.eos_ids):
-                    stop = "length"                         # the EOS fell beyond this row's room
-                if len(ids) >= cfg.max_new_tokens and stop != "eos":
-                    stop = "length"
-                cut = loop_cut(ids) if stop == "length" else None
-                if cut is not None:                         # a greedy repetition loop: keep two periods
-                    ids, stop = ids[:cut], "loop"
-                summary.new_tokens += len(ids)
-                summary.answers += 1
-                text = target.decode(ids, skip_special_tokens=True).strip()
-                conv.said += [{"role": "user", "content": conv.users[len(conv.stops)]},
-                              {"role": "assistant", "content": text}]
-                conv.stops.append(stop)
-                conv.answer_tokens.append(len(ids))
-                if stop != "eos" or len(conv.stops) == len(conv.users) or not text:
+                room = min(cfg.max_new_tokens, cfg.max_len - min(len(p) for _, p in rows))
+                temp = cfg.temperature if mode == "sampled" else 0.0
+                run = generate_continuous if cfg.engine == "continuous" else generate_batch
+                answers = run(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
+                batch_index += 1
+                for (conv, prompt), (ids, stop) in zip(rows, answers):
+                    ids = ids[:max(cfg.max_len - len(prompt), 0)]
+                    if stop == "eos" and (not ids or ids[-1] not in target.eos_ids):
+                        stop = "length"                         # the EOS fell beyond this row's room
+                    if len(ids) >= cfg.max_new_tokens and stop != "eos":
+                        stop = "length"
+                    cut = loop_cut(ids) if stop == "length" else None
+                    if cut is not None:                         # a greedy repetition loop: keep two periods
+                        ids, stop = ids[:cut], "loop"
+                    summary.new_tokens += len(ids)
+                    summary.answers += 1
+                    text = target.decode(ids, skip_special_tokens=True).strip()
+                    conv.said += [{"role": "user", "content": conv.users[len(conv.stops)]},
+                                  {"role": "assistant", "content": text}]
+                    conv.stops.append(stop)
+                    conv.answer_tokens.append(len(ids))
+                    if stop != "eos" or len(conv.stops) == len(conv.users) or not text:
+                        conv.done = True
+                        _finish(conv, sink, summary, bar)
+                    else:
+                        q.appendleft(conv)                      # in progress: answered first next time
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(tok_s=f"{summary.new_tokens / max(elapsed, 1e-9):.0f}", answers=summary.answers)
+        except KeyboardInterrupt:           # stopped: keep every answered turn, lose only the call in flight
+            for conv in [c for c, _ in rows] + [c for q in queues.values() for c in q]:
+                if conv.stops and not conv.done:
                     conv.done = True
                     _finish(conv, sink, summary, bar)
-                else:
-                    q.appendleft(conv)                      # in progress: answered first next time
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{summary.new_tokens / max(elapsed, 1e-9):.0f}", answers=summary.answers)
+            bar.close()
+            log.info("interrupted: %d dialogues written this run (in-progress ones up to their last answered "
+                     "turn); a restart continues with the rest", summary.dialogues)
+            raise
     bar.close()
     summary.seconds = time.perf_counter() - t0
     summary.total_dialogues += summary.dialogues

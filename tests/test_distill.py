@@ -98,3 +98,36 @@ def test_continuous_batching_gives_the_static_engines_greedy_answers(tiny_target
     static = generate_batch(tiny_target, prompts, 12)
     assert cont == static
     assert {stop for _, stop in static} <= {"eos", "length"} and all(len(ids) <= 12 for ids, _ in cont)
+
+
+def test_an_interrupt_keeps_every_answered_turn(tiny_target, tmp_path, monkeypatch):
+    """Stopped during the second turn's call: the dialogues keep their first answers (written
+    once), and a restart skips them."""
+    import hass.distill as distill_mod
+
+    t = tiny_target
+    monkeypatch.setattr(type(t), "render", lambda self, msgs, add_generation_prompt=True:
+                        [1 + (len(m["content"]) % 7) for m in msgs] + [2])
+    monkeypatch.setattr(type(t), "decode", lambda self, ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    real, calls = distill_mod.generate_continuous, []
+
+    def once_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return [([5, 6, 7], "eos") for _ in a[1]]            # every first answer ends cleanly: turn 2 follows
+
+    monkeypatch.setattr(distill_mod, "generate_continuous", once_then_stop)
+    dialogues = [Dialogue(f"d{i}", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+                                    {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}])
+                 for i in range(3)]
+    monkeypatch.setattr(type(t), "eos_ids", property(lambda self: {7}))
+    out = tmp_path / "d.jsonl"
+    cfg = DistillConfig(max_new_tokens=6, max_len=64, batch_size=8, sampled_fraction=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        distill(t, dialogues, out, cfg, progress=False)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == ["d0", "d1", "d2"]
+    assert all(r["stops"] == ["eos"] and len(r["messages"]) == 2 for r in recs)
+    monkeypatch.setattr(distill_mod, "generate_continuous", real)
+    assert distill(t, dialogues, out, cfg, progress=False).dialogues == 0
