@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="the first N dialogues of the split")
     ds.add_argument("--batch-size", type=int, default=64, help="prompts handed to the decoder together "
                     "(continuous batching keeps the rows busy inside one hand-over)")
-    ds.add_argument("--engine", choices=("continuous", "static"), default="continuous",
-                    help="continuous batching (rows leave and join as they finish) or static left-padded batches")
+    ds.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
+                    help="continuous batching (rows leave and join as they finish), static left-padded batches of "
+                         "16, or auto: continuous when every prompt of a call is short, else static")
     ds.add_argument("--max-new-tokens", type=int, default=384, help="cap per answer")
     ds.add_argument("--max-len", type=int, default=1024, help="a dialogue ends when its prompt leaves no room "
                     "under this length")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ds.add_argument("--measure-engines", type=int, default=0, metavar="N",
-                    help="kept tokens/s of static vs continuous batching on N first-turn prompts (192-token cap)")
+                    help="kept tokens/s of static vs continuous batching on N short and N long first-turn prompts")
     ds.add_argument("--measure", default=None, metavar="B1,B2,...",
                     help="instead of distilling: tokens/s of batched generation at these batch sizes (a table)")
 
@@ -512,13 +513,13 @@ def cmd_distill(args) -> int:
                   f"{r['tokens_per_s']:.1f} |")
         return 0
     if args.measure_engines:
-        prompts = [target.render([m for m in d.messages if m["role"] != "assistant"][:1]) for d in dialogues[:200]]
-        prompts = [p for p in prompts if len(p) <= 400][:args.measure_engines]
-        rows = measure_engines(target, prompts)
-        print("| engine | prompts | cap | kept tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['engine']} | {r['prompts']} | {r['cap']} | {r['new_tokens']} | {r['seconds']} | "
-                  f"{r['tokens_per_s']} |")
+        firsts = [target.render([m for m in d.messages if m["role"] != "assistant"][:1]) for d in dialogues[:600]]
+        print("| prompts | engine | prompts | cap | kept tokens | seconds | tokens/s |\n|---|---|---|---|---|---|---|")
+        for label, lo, hi in (("short (<= 256 tokens)", 0, 256), ("long (250-800 tokens)", 250, 800)):
+            prompts = [p for p in firsts if lo <= len(p) <= hi][:args.measure_engines]
+            for r in measure_engines(target, prompts, new_tokens=192 if hi <= 256 else 96):
+                print(f"| {label} | {r['engine']} | {r['prompts']} | {r['cap']} | {r['new_tokens']} | {r['seconds']} | "
+                      f"{r['tokens_per_s']} |", flush=True)
         return 0
     import signal
 

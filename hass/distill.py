@@ -62,7 +62,7 @@ class DistillConfig:
     max_new_tokens: int = 384
     max_len: int = 1024
     batch_size: int = 64
-    engine: str = "continuous"
+    engine: str = "auto"
     sampled_fraction: float = 0.25
     temperature: float = 1.0
     max_turns: int = 8
@@ -75,8 +75,8 @@ class DistillConfig:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
         if not 1 <= self.batch_size <= 512:
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
-        if self.engine not in ("continuous", "static"):
-            raise ValueError(f"engine must be 'continuous' or 'static', got {self.engine!r}")
+        if self.engine not in ("auto", "continuous", "static"):
+            raise ValueError(f"engine must be 'auto', 'continuous' or 'static', got {self.engine!r}")
         if not 0.0 <= self.sampled_fraction <= 1.0:
             raise ValueError(f"sampled_fraction must be in [0, 1], got {self.sampled_fraction}")
         if not 0.0 < self.temperature <= 10.0:
@@ -180,6 +180,33 @@ def generate_continuous(target, prompts: Sequence[list[int]], max_new_tokens: in
         cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
         results.append((ids[:cut + 1], "eos") if cut is not None else (ids, "length"))
     return results
+
+
+SHORT_PROMPT = 256      # "auto": continuous batching only when every prompt of the call is this short
+STATIC_BATCH = 16       # rows per static batch (the knee of `--measure` here)
+
+
+def _generate(cfg: DistillConfig, target, prompts: list[list[int]], room: int, temperature: float,
+              seed: int) -> list[tuple[list[int], str]]:
+    """One call's answers by the engine `cfg` asks for.
+
+    Continuous batching wins on short prompts (no row waits for the longest one) and loses
+    on long ones (`transformers`' CPU path attends over all rows' keys at once, so attention
+    grows with rows x total context); `distill --measure-engines` measures both on the
+    machine at hand (docs/TRAINING.md). "auto" picks by prompt length."""
+    engine = cfg.engine
+    if engine == "auto":
+        engine = "continuous" if max(len(p) for p in prompts) <= SHORT_PROMPT else "static"
+    if engine == "continuous":
+        return generate_continuous(target, prompts, room, temperature, seed=seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))      # similar lengths: little padding
+    out: list = [None] * len(prompts)
+    for k in range(0, len(order), STATIC_BATCH):
+        chunk = order[k:k + STATIC_BATCH]
+        for i, ans in zip(chunk, generate_batch(target, [prompts[i] for i in chunk], room, temperature,
+                                                seed=seed * 131 + k)):
+            out[i] = ans
+    return out
 
 
 def _cb_config(rows: int, max_new_tokens: int, max_len: int = 1024) -> ContinuousBatchingConfig:
@@ -309,8 +336,7 @@ def distill(target, dialogues: Sequence[Dialogue], out_path: str | Path, cfg: Di
                     continue
                 room = min(cfg.max_new_tokens, cfg.max_len - min(len(p) for _, p in rows))
                 temp = cfg.temperature if mode == "sampled" else 0.0
-                run = generate_continuous if cfg.engine == "continuous" else generate_batch
-                answers = run(target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
+                answers = _generate(cfg, target, [p for _, p in rows], room, temp, seed=cfg.seed * 1_000_003 + batch_index)
                 batch_index += 1
                 for (conv, prompt), (ids, stop) in zip(rows, answers):
                     ids = ids[:max(cfg.max_len - len(prompt), 0)]
