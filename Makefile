@@ -17,8 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-data.txt tools/inst
 demo: setup
 	$(BIN)/python app.py $(ARGS)
 
+# Test files are spread over TEST_WORKERS processes (whole files per worker, so module
+# fixtures load once); every test runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The browser tests drive Debian's chromium (never a downloaded browser build).
 browser:

@@ -53,6 +53,12 @@ class Turn:
     note: str = ""                                      # "stopped", an error, ...
     wall_s: float = 0.0
     html: tuple = ()                                    # (key, HTML) of the answer, reused while unchanged
+    pending: bool = False                               # sent, waiting for its turn to decode (the queue)
+    wait: str = ""                                      # what a pending turn waits for, in words
+    phase: str = ""                                     # what a running turn does before its first token
+    prompt_tokens: int = 0                              # tokens the target reads before answering
+    replaces: "Turn | None" = None                      # Regenerate: the answer to restore if this one fails
+    sent: float = 0.0                                   # time.time() when it was sent (0: not through the queue)
 
 
 @dataclass
@@ -66,16 +72,19 @@ class Session:
     sid: str = field(default_factory=lambda: uuid.uuid4().hex)
     tree_rule: str = "fitted"         # "fitted" (size chosen per step for this machine) | "fixed"
     lookup: bool = True               # lookup candidates in the tree
+    race_state: str = ""              # "" | "queued" | "running": this tab's race or A/B
+    last_race: dict = field(default_factory=dict)     # the last race: {"steps": {name: steps}, "names", "complete"}
 
     def tree_options(self) -> dict:
         """make_config's tree options for this tab's settings."""
         return {"fitted": self.tree_rule == "fitted", "lookup": self.lookup}
 
-    def history(self) -> list[dict]:
-        """The conversation for the chat template: finished turns (a stopped answer counts)."""
+    def history(self, upto: int | None = None) -> list[dict]:
+        """The conversation for the chat template: finished turns (a stopped answer counts),
+        of the first `upto` turns when given."""
         msgs: list[dict] = []
-        for t in self.turns:
-            if t.running:
+        for t in self.turns[:upto]:
+            if t.running or t.pending:
                 continue
             msgs.append({"role": "user", "content": t.user})
             if t.answer:
@@ -97,6 +106,32 @@ class Session:
     @property
     def last(self) -> Turn | None:
         return self.turns[-1] if self.turns else None
+
+    @property
+    def busy(self) -> bool:
+        """An answer of this tab is decoding or waiting for its turn."""
+        return any(t.running or t.pending for t in self.turns)
+
+    def next_pending(self) -> int | None:
+        return next((i for i, t in enumerate(self.turns) if t.pending), None)
+
+    def last_hass_turn(self) -> tuple[int, Turn] | None:
+        """(index, turn) of the conversation's latest finished HASS answer with steps."""
+        for i in range(len(self.turns) - 1, -1, -1):
+            t = self.turns[i]
+            if t.mode == "HASS" and t.steps and not t.running and not t.pending:
+                return i, t
+        return None
+
+    def plain_step_s(self) -> float | None:
+        """Seconds of one plain decoding step, from this conversation's latest plain-mode
+        answer (its plain steps; the prefill left out), or None without one."""
+        for t in reversed(self.turns):
+            if t.mode == "plain" and not t.running:
+                secs = [st.seconds for st in t.steps if st.kind == "plain" and st.seconds > 0]
+                if secs:
+                    return sum(secs) / len(secs)
+        return None
 
 
 # -- token texts ----------------------------------------------------------------------------------
@@ -266,6 +301,8 @@ class Studio:
         self._runs: dict[str, DecodeRun] = {}
         self.batch_jobs: dict[str, object] = {}      # the Batch tab's run per session (app/batch.py), under _lock
         self.training = training
+        self._curve: tuple[int, dict[int, float]] | None = None     # (id of the target, its cost curve)
+        self.prefill_rate: float | None = None        # prompt tokens per second of the latest long prefill
         self.tree_defaults, self.tree_source = self._tree_defaults()
 
     @classmethod
@@ -282,6 +319,37 @@ class Studio:
         except Exception as exc:   # noqa: BLE001 - a failed measurement only costs the first answer time
             log.warning("could not measure the verify cost curve: %s", exc)
         return FITTED_TREE, "size fitted per step to this machine's verify costs (the numbers are its limits)"
+
+    def cost_curve(self) -> dict[int, float]:
+        """This machine's verify cost curve for the current target ({N: seconds}, measured at
+        start-up and cached on disk), {} when it could not be measured."""
+        target = self.target
+        if self._curve is None or self._curve[0] != id(target):
+            try:
+                curve = load_cost_curve(target, measure=False)
+            except Exception as exc:      # noqa: BLE001 - the panels say the curve is missing
+                log.warning("could not read the verify cost curve: %s", exc)
+                curve = {}
+            if not curve or 1 not in curve:
+                return {}                 # not cached (or no N = 1 to divide by): try again next time
+            self._curve = (id(target), curve)
+        return self._curve[1]
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        """Remember how fast a long prompt was read, to say how long the next one will take."""
+        if tokens >= 256 and seconds > 0:
+            self.prefill_rate = tokens / seconds
+
+    def prefill_estimate(self, tokens: int) -> float | None:
+        return tokens / self.prefill_rate if self.prefill_rate else None
+
+    def others_busy(self, session: Session) -> bool:
+        """Is another tab's answer, race or batch decoding now (so this one waits)?"""
+        with self._lock:
+            runs = any(sid != session.sid for sid in self._runs)
+            batches = any(sid != session.sid and isinstance(getattr(job, "done", None), threading.Event)
+                          and not job.done.is_set() for sid, job in self.batch_jobs.items())
+        return runs or batches
 
     def load_model(self, spec: str) -> str:
         """Load another target; on failure raise with the reason and keep the current one."""

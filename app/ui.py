@@ -65,16 +65,30 @@ its own earlier features, as it does while drafting several tokens ahead).
   **including the bonus token**; plain decoding is 1.0. Pooled over cycles; the Train tab's
   evaluation also shows the mean over prompts (macro), as the paper reports.
 - **Per-depth acceptance**: P(the token at depth d is accepted | the path reached depth d-1).
-- **Speedup**: plain decoding time / speculative time for the same prompt and the same new
-  tokens, measured in the same process after a warm-up, the two decoders taking turns step by
-  step so both see the same machine conditions (the *Race* tab). During a normal
-  chat the speed panel shows tokens over time of that answer alone.
+- **Speedup**: speculative tokens per second over plain tokens per second (`hass.events.speedup`,
+  the one definition the CLI, the benchmark and this studio share); for the same new tokens it
+  is plain time / speculative time. Measured in the same process after a warm-up, the two
+  decoders taking turns step by step so both see the same machine conditions (the *Race* tab).
+  It is said one way only: "1.24× faster than plain", or below one "0.80× the speed of plain:
+  plain is 1.25× faster". During a normal chat the speed panel shows tokens over time of that
+  answer alone.
 - **Time split**: where each step's time goes: drafting (the tree), verifying (the target
   forward) and other bookkeeping.
+- **Cost of a check c(N)**: what one target forward over N tree tokens costs here, in plain
+  decoding steps (this machine's verify cost curve, measured once at start-up). A step is
+  worth it when τ is above c(N) + drafting, the *break-even τ*; the predicted speedup is
+  τ / (c(N) + drafting).
 
-On a CPU with a 135M-parameter target the target forward is cheap, so drafting costs
-relatively more than on a GPU with a 7B target; the speedups here are smaller than the
-paper's (2.8-4×) while τ tells how good the draft is.
+## Why it is fast or slow here
+
+The speed depends on two things, both shown in the **Cost** panel (Chat and Race tabs): this
+machine's cost curve c(N), and the τ the draft reaches on your prompt. Where checking many
+tokens costs about as much as one (c(N) near 1, typical of a large model on a GPU), the
+break-even τ is little more than 1 plus the drafting; on a CPU c(N) grows with N, a step must
+yield more than its check costs, and a weak draft or an unpredictable prompt can make
+speculative decoding slower than plain. The panel says which case an answer was in, and by
+how much. The Race tab's A/B shows what HASS
+changes in the draft: its accuracy 2 and 3 tokens ahead (from each draft's card).
 """
 
 
@@ -91,6 +105,10 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
         draft_label = studio.draft_for(studio.default_draft_spec)[1]
     except Exception:        # noqa: BLE001
         draft_label = "random"
+    first = Session(draft_spec=studio.default_draft_spec, draft_label=draft_label)
+    cost0 = chat.cost_panel(studio, first)
+    race_cost0 = chat.race_cost_panel(studio, first)
+    passes0 = chat.pass_panel(studio, {"HASS draft (shipped)": "hass", "EAGLE-2 draft (shipped)": "eagle2"})
 
     with gr.Blocks(title="HASS Studio") as demo:
         def fresh_session() -> Session:
@@ -98,16 +116,14 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
 
         state = gr.State(fresh_session)
         public = studio.policy.public
-        gr.Markdown(f"# HASS Studio\nLossless speculative decoding with a HASS draft head and an EAGLE-2 "
-                    f"dynamic draft tree · model **{studio.target.name}** ({studio.target.weights} weights) · "
-                    f"draft **{draft_label}**" + studio.weights_note(), elem_id="hs-title")
+        title = gr.Markdown(chat.header_markdown(studio, first), elem_id="hs-title")
         if public:
             gr.Markdown(studio.policy.describe(), elem_id="hs-public")
         with gr.Tabs():
             # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
                 with gr.Row(equal_height=False):
-                    with gr.Column(scale=5, min_width=360):
+                    with gr.Column(scale=7, min_width=420, elem_id="hs-chat-col"):
                         chat_box = gr.HTML(chat.chat_html(Session()), elem_id="hs-chat-box", max_height=600,
                                            autoscroll=True)
                         with gr.Row():
@@ -123,7 +139,7 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                             mode = gr.Radio(list(chat.MODES), value="HASS", label="Mode", scale=2, elem_id="hs-mode")
                             highlight = gr.Checkbox(True, label="Colour tokens by source", scale=1,
                                                     elem_id="hs-highlight")
-                        status = gr.Markdown("", elem_id="hs-status")
+                        status = gr.Markdown("", elem_id="hs-status", min_height=40)
                         check_out = gr.Markdown("", elem_id="hs-check-out")
                         gr.HTML(legend_html(include_series=False), elem_id="hs-legend")
                         gr.Examples(example_prompts(), inputs=[msg], label="Examples (MT-bench, HumanEval, GSM8K)",
@@ -161,7 +177,7 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                             gr.Markdown(f"Tree: {studio.tree_source}.")
                             tree_rule.change(chat.set_tree_rule, [state, tree_rule], [state])
                             lookup_on.change(chat.set_lookup, [state, lookup_on], [state])
-                    with gr.Column(scale=6, min_width=420):
+                    with gr.Column(scale=5, min_width=420):
                         stats = gr.Markdown("No answer yet.", elem_id="hs-stats")
                         slider = gr.Slider(0, 1, value=0, step=1, label="Replay a step", interactive=False,
                                            elem_id="hs-step")
@@ -180,6 +196,9 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                                      show_label=False, elem_id="hs-speed")
                                 time_plot = gr.Plot(empty_figure("no steps yet", "Time per step"), show_label=False,
                                                     elem_id="hs-time")
+                            with gr.Tab("Cost", elem_id="hs-cost-tab"):
+                                cost_text = gr.Markdown(cost0[1], elem_id="hs-cost-text")
+                                cost_plot = gr.Plot(cost0[0], show_label=False, elem_id="hs-cost")
 
             # ---------------------------------------------------------------- race / A-B
             with gr.Tab("Race / A-B", id="race"):
@@ -187,8 +206,10 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                             "a short warm-up the two decoders take turns step by step (the next step goes to the "
                             "side that has used less decoding time), so both run under the same machine conditions "
                             "and each side's progress on screen is its speed. The speedup is plain time / HASS "
-                            "time for the same new tokens. **A/B** races the shipped HASS draft against another "
-                            "draft and compares their acceptance by depth. Uses the chat's settings and draft; an "
+                            "time for the same new tokens; the **Cost** panel below says why it came out that way "
+                            "on this machine. **A/B** races the shipped HASS draft against another draft and "
+                            "compares their acceptance by depth, next to each draft's held-out accuracy per "
+                            "alignment pass (what HASS's training changes). Uses the chat's settings and draft; an "
                             "empty prompt reuses the chat's last message.")
                 with gr.Row(equal_height=True):
                     race_prompt = gr.Textbox(placeholder="Prompt for the race…", show_label=False, scale=4,
@@ -209,6 +230,13 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                          elem_id="hs-race-speed")
                     race_depth = gr.Plot(empty_figure("no speculative steps yet", "Acceptance by depth"),
                                          show_label=False, elem_id="hs-race-depth")
+                with gr.Row(equal_height=False):
+                    with gr.Column():
+                        race_cost = gr.Plot(race_cost0[0], show_label=False, elem_id="hs-race-cost")
+                        race_cost_text = gr.Markdown(race_cost0[1], elem_id="hs-race-cost-text")
+                    with gr.Column():
+                        passes_plot = gr.Plot(passes0[0], show_label=False, elem_id="hs-passes")
+                        passes_text = gr.Markdown(passes0[1], elem_id="hs-passes-text")
 
             # ---------------------------------------------------------------- train
             with gr.Tab("Train", id="train"):
@@ -252,37 +280,70 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
         # ------------------------------------------------------------------ wiring
         settings = [mode, temperature, top_p, max_new, total, depth, topk, highlight]
         chat_out = [state, chat_box, msg, status, stats, tree_plot, mask_plot, depth_plot, speed_plot, time_plot,
-                    slider]
+                    slider, replay_info, cost_plot, cost_text]
+        submit_out = [state, chat_box, msg, status, replay_info]
         dec = {"concurrency_limit": 1, "concurrency_id": DECODE}
-        send_fn = partial(chat.send, studio)
-        ev_send = send_btn.click(send_fn, [state, msg, *settings], chat_out, show_progress="hidden", api_name="send", **dec)
-        ev_submit = msg.submit(send_fn, [state, msg, *settings], chat_out, show_progress="hidden", api_name="submit",
-                               **dec)
-        ev_regen = regen_btn.click(partial(chat.regenerate, studio), [state, *settings], chat_out,
-                                   show_progress="hidden", api_name="regenerate", **dec)
-        stop_btn.click(partial(chat.stop, studio), [state, highlight], chat_out, cancels=[ev_send, ev_submit, ev_regen],
-                       concurrency_limit=None, show_progress="hidden", api_name="stop")
-        clear_btn.click(chat.clear, [state, highlight], chat_out, cancels=[ev_send, ev_submit, ev_regen],
-                        concurrency_limit=None)
+        # first at once (outside the queue): the message appears with what it waits for; then the
+        # answer in the decoding queue, its queue position shown on the status line. "multiple":
+        # a click while this tab's answer streams is queued behind it, never dropped.
+        now = {"concurrency_limit": None, "show_progress": "hidden", "trigger_mode": "multiple",
+               "api_visibility": "private"}
+        queued = {"show_progress": "minimal", "show_progress_on": [status], "trigger_mode": "multiple", **dec}
+        answer_fn = partial(chat.answer, studio)
+        ev_send = send_btn.click(partial(chat.submit, studio), [state, msg, *settings], submit_out, **now).then(
+            answer_fn, [state, *settings, msg], chat_out, api_visibility="private", **queued)
+        ev_submit = msg.submit(partial(chat.submit, studio), [state, msg, *settings], submit_out, **now).then(
+            answer_fn, [state, *settings, msg], chat_out, api_visibility="private", **queued)
+        ev_regen = regen_btn.click(partial(chat.regenerate_submit, studio), [state, *settings], submit_out,
+                                   **now).then(answer_fn, [state, *settings, msg], chat_out, api_visibility="private",
+                                               **queued)
+        # the API: one call that sends and streams the answer (tools/space_check.py uses it)
+        api_send = gr.Button(visible=False, elem_id="hs-api-send")
+        api_send.click(partial(chat.send, studio), [state, msg, *settings], chat_out, show_progress="hidden",
+                       api_name="send", **dec)
+        stop_btn.click(partial(chat.stop, studio), [state, highlight, msg], chat_out,
+                       cancels=[ev_send, ev_submit, ev_regen], concurrency_limit=None, show_progress="hidden",
+                       api_name="stop")
+        clear_btn.click(partial(chat.clear, studio=studio), [state, highlight], chat_out,
+                        cancels=[ev_send, ev_submit, ev_regen], concurrency_limit=None, api_name="clear")
         highlight.change(chat.rehighlight, [state, highlight], chat_box, concurrency_limit=None,
                          show_progress="hidden")
         slider.release(partial(chat.replay, studio), [state, slider], [tree_plot, mask_plot, replay_info],
                        concurrency_limit=None, show_progress="hidden", api_name="replay")
         check_btn.click(partial(chat.check_lossless, studio), [state, msg, max_new, total, depth, topk], check_out,
                         api_name="check_lossless", **dec)
+
+        def header(session):
+            return chat.header_markdown(studio, session)
+
         model_btn.click(partial(chat.load_model, studio), [model_spec], [settings_status, total, depth, topk],
-                        api_name="load_model", **dec)
-        draft_btn.click(partial(chat.set_draft, studio), [state, draft_choice, draft_path], [state, settings_status],
+                        api_name="load_model", **dec).then(header, [state], [title], concurrency_limit=None,
+                                                           show_progress="hidden", api_visibility="private")
+
+        def set_draft(session, choice, path):
+            session, msg_ = chat.set_draft(studio, session, choice, path)
+            return session, msg_, chat.header_markdown(studio, session)
+
+        draft_btn.click(set_draft, [state, draft_choice, draft_path], [state, settings_status, title],
                         api_name="set_draft", **dec)
 
         race_in = [state, race_prompt, temperature, top_p, max_new, total, depth, topk, highlight]
         race_out = [left, right, race_speed, race_depth, race_status]
-        ev_race = race_btn.click(partial(chat.race, studio), race_in, race_out, show_progress="hidden", api_name="race",
-                                 **dec)
-        ev_ab = ab_btn.click(partial(chat.ab, studio), [*race_in, ab_other], race_out, show_progress="hidden",
-                             api_name="ab", **dec)
-        race_stop.click(lambda s: (studio.stop(s), "stopped")[1] if s else "stopped", [state], race_status,
-                        cancels=[ev_race, ev_ab], concurrency_limit=None, api_name="race_stop")
+        queued_race = {"show_progress": "minimal", "show_progress_on": [race_status], "trigger_mode": "multiple",
+                       **dec}
+        # the race starts only when race_submit accepts it (.success); a click while this tab's race
+        # runs is refused with a message saying why, never silently dropped
+        ev_race = race_btn.click(partial(chat.race_submit, studio), [state], [state, race_status], **now).success(
+            partial(chat.race, studio), race_in, race_out, api_name="race", **queued_race)
+        ev_race.then(partial(chat.race_cost_panel, studio), [state], [race_cost, race_cost_text],
+                     concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        ev_ab = ab_btn.click(partial(chat.ab_submit, studio), [state, ab_other],
+                             [state, race_status, passes_plot, passes_text], **now).success(
+            partial(chat.ab, studio), [*race_in, ab_other], race_out, api_name="ab", **queued_race)
+        ev_ab.then(partial(chat.race_cost_panel, studio), [state], [race_cost, race_cost_text],
+                   concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        race_stop.click(partial(chat.race_stop, studio), [state], race_status, cancels=[ev_race, ev_ab],
+                        concurrency_limit=None, api_name="race_stop")
 
         prep_btn.click(partial(training.prepare_small, studio), [n_dlg], [data, train_status], api_name="prepare", **dec)
         train_btn.click(partial(training.start, manager), [state, data, budget, minutes_in, steps_in, n_in, k_in,
@@ -293,7 +354,17 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                    concurrency_limit=None, show_progress="hidden", api_name="train_poll")
         train_cancel.click(partial(training.cancel, manager), [state], train_status, concurrency_limit=None,
                            api_name="train_cancel")
-        use_btn.click(partial(training.use_draft, studio, manager), [state], [state, train_status],
+
+        def use_draft(session):
+            """The trained draft in the chat: the Train tab, the Settings line, the Draft choice and the
+            title all name it (its folder's short name)."""
+            session, msg_ = training.use_draft(studio, manager, session)
+            if msg_.startswith("⚠️"):
+                return session, msg_, gr.skip(), gr.skip(), gr.skip()
+            return (session, msg_, f"draft: **{session.draft_label}** (trained in this app)",
+                    chat.header_markdown(studio, session), "trained in this app")
+
+        use_btn.click(use_draft, [state], [state, train_status, settings_status, title, draft_choice],
                       concurrency_limit=None, api_name="use_draft")
         # a new visitor sees the current (or last) run at once, and follows it while it runs
         demo.load(partial(training.poll, manager), [state, seen], [progress, train_plot, train_status, timer, seen],

