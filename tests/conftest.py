@@ -271,3 +271,18 @@ def tiny_folder(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def make_chat_target(tiny_folder, make_target):
+    """make(name, max_position_embeddings): a tiny random target with the default model's
+    tokenizer and chat template (fast chats through the studio's handlers)."""
+    from transformers import AutoTokenizer
+
+    def make(name: str, max_position_embeddings: int) -> Target:
+        tok = AutoTokenizer.from_pretrained(tiny_folder)
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        tiny = make_target(vocab_size=len(tok), hidden_size=64, eos_token_id=eos,
+                           max_position_embeddings=max_position_embeddings)
+        return Target(model=tiny.model, tokenizer=tok, name=name)
+    return make

@@ -10,7 +10,6 @@ import re
 import time
 
 import pytest
-from transformers import AutoTokenizer
 
 from app import chat, training
 from app.studio import DecodeRun, Session, SettingsError, Studio, TokenTexts, make_config
@@ -29,11 +28,8 @@ def settings(**kw):
 
 
 @pytest.fixture(scope="module")
-def chat_target(tiny_folder, make_target) -> Target:
-    tok = AutoTokenizer.from_pretrained(tiny_folder)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    tiny = make_target(vocab_size=len(tok), hidden_size=64, eos_token_id=eos, max_position_embeddings=512)
-    return Target(model=tiny.model, tokenizer=tok, name="tiny-chat")
+def chat_target(make_chat_target) -> Target:
+    return make_chat_target("tiny-chat", 512)
 
 
 @pytest.fixture()

@@ -20,12 +20,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import wait_text as _wait
+
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "docs" / "screenshots"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def wait_text(pg, selector: str, pattern: str, timeout: float = 90) -> str:
+    """The real model is slower than the story tests' scripted one: a longer wait, a slower poll."""
+    return _wait(pg, selector, pattern, timeout, poll_ms=250)
 
 
 def _free_port() -> int:
@@ -115,17 +122,6 @@ def _wait_title(pg, elem: str, pattern: str, timeout: float = 90) -> str:
     raise AssertionError(f"#{elem} title never matched {pattern!r} (last: {_title(pg, elem)!r})")
 
 
-def _wait_text(pg, selector: str, pattern: str, timeout: float = 90) -> str:
-    t0 = time.time()
-    text = ""
-    while time.time() - t0 < timeout:
-        loc = pg.locator(selector)
-        text = loc.first.inner_text() if loc.count() else ""
-        if re.search(pattern, text):
-            return text
-        pg.wait_for_timeout(250)
-    raise AssertionError(f"{selector} never matched {pattern!r} (last: {text[:300]!r})")
-
 
 def test_studio_in_a_browser(page, drafts_dir):
     pg = page
@@ -142,7 +138,7 @@ def test_studio_in_a_browser(page, drafts_dir):
     pg.locator("#hs-send").click()
     pg.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length >= 3", timeout=60_000)
     _wait_title(pg, "hs-tree", r"^Step \d+")
-    _wait_text(pg, "#hs-status", r"done \(", timeout=150)
+    wait_text(pg, "#hs-status", r"done \(", timeout=150)
     n_tokens = pg.locator("#hs-chat-box .hs-tok").count()
     assert n_tokens >= 4
     # the shipped draft's guesses were accepted: spans coloured as draft tokens, with their hover text
@@ -154,7 +150,7 @@ def test_studio_in_a_browser(page, drafts_dir):
     box = pg.locator("#hs-step input[type=number]")
     box.fill("1")
     box.press("Tab")
-    _wait_text(pg, "#hs-replay", r"step 1: ")
+    wait_text(pg, "#hs-replay", r"step 1: ")
     _wait_title(pg, "hs-tree", r"^Step 1:|step 1 is")
     best = pg.evaluate("""() => {
         let best = null, depth = 0;
@@ -168,7 +164,7 @@ def test_studio_in_a_browser(page, drafts_dir):
     if best != 1:
         box.fill(str(best))
         box.press("Tab")
-    _wait_text(pg, "#hs-replay", rf"step {best}: speculative")
+    wait_text(pg, "#hs-replay", rf"step {best}: speculative")
     _wait_title(pg, "hs-tree", rf"^Step {best}: [1-9]\d* accepted")
     assert pg.locator("#hs-tree .scatterlayer .trace").count() >= 3
     pg.wait_for_timeout(500)
@@ -185,10 +181,10 @@ def test_studio_in_a_browser(page, drafts_dir):
     pg.locator("#hs-race-prompt textarea").fill("Name three rivers in Europe.")
     pg.locator("#hs-race").click()
     # the verdict in one of its three unambiguous forms (visual.cost.verdict); which one depends on the machine
-    _wait_text(pg, "#hs-race-status", r"faster than plain|the speed of plain|as fast as plain", timeout=150)
+    wait_text(pg, "#hs-race-status", r"faster than plain|the speed of plain|as fast as plain", timeout=150)
     title = _wait_title(pg, "hs-race-speed", r"×")
     assert "plain" in title and re.search(r"faster than plain|the speed of plain: plain is|as fast as plain", title)
-    _wait_text(pg, "#hs-race-cost-text", r"Race · HASS")              # why it came out so, on this machine
+    wait_text(pg, "#hs-race-cost-text", r"Race · HASS")              # why it came out so, on this machine
     assert pg.locator("#hs-race-right .hs-tok").count() > 0
     pg.wait_for_timeout(500)
     pg.screenshot(path=str(SHOTS / "race.png"), full_page=True)
@@ -204,12 +200,12 @@ def test_studio_in_a_browser(page, drafts_dir):
         assert data.input_value().strip(), "preparing a small data set failed"
     pg.locator("#hs-train-steps input").fill("200")
     pg.locator("#hs-train-start").click()
-    _wait_text(pg, "#hs-train-status", r"started|training")
+    wait_text(pg, "#hs-train-status", r"started|training")
     _wait_title(pg, "hs-train-plot", r"Training · step ([1-9]\d+)", timeout=240)       # 10 steps: a curve
     assert "%" in pg.locator("#hs-train-progress").inner_text()
     pg.wait_for_timeout(1500)
     pg.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     pg.locator("#hs-train-cancel").click()
-    _wait_text(pg, "#hs-train-status", r"cancelled", timeout=120)
+    wait_text(pg, "#hs-train-status", r"cancelled", timeout=120)
     assert list(drafts_dir.glob("draft-*/model.safetensors")), "the cancelled run's draft should be in HASS_APP_DRAFTS"
     assert not pg.errors, "browser console errors:\n" + "\n".join(pg.errors)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from browser import text_of, wait_text
 
 from app import chat
 from app.studio import Session, Studio
@@ -107,11 +107,8 @@ class Script:
 
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def story_target(tiny_folder, make_target) -> Target:
-    tok = AutoTokenizer.from_pretrained(tiny_folder)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    tiny = make_target(vocab_size=len(tok), hidden_size=64, eos_token_id=eos, max_position_embeddings=2048)
-    return Target(model=tiny.model, tokenizer=tok, name="tiny-story")
+def story_target(make_chat_target) -> Target:
+    return make_chat_target("tiny-story", 2048)
 
 
 @pytest.fixture(scope="module")
@@ -178,21 +175,6 @@ def script(studio_app):
     return s
 
 
-def text_of(pg, selector: str) -> str:
-    loc = pg.locator(selector)
-    return loc.first.inner_text() if loc.count() else ""
-
-
-def wait_text(pg, selector: str, pattern: str, timeout: float = 30) -> str:
-    t0 = time.time()
-    text = ""
-    while time.time() - t0 < timeout:
-        text = text_of(pg, selector)
-        if re.search(pattern, text):
-            return text
-        pg.wait_for_timeout(100)
-    raise AssertionError(f"{selector} never matched {pattern!r} (last: {text[:400]!r})")
-
 
 def title_of(pg, elem: str) -> str:
     loc = pg.locator(f"#{elem} .gtitle")
@@ -210,29 +192,29 @@ def set_mode(pg, mode: str) -> None:
 
 # -- 2. every visitor always sees state -------------------------------------------------------------
 def test_a_second_visitor_sees_their_message_waiting_and_a_busy_visitor_queues(open_page, script):
-    script.delay = 0.3                                  # ~16 steps: each answer streams for ~5 s
+    script.delay = 0.8     # ~16 steps: each answer streams for ~13 s, so A still streams on a loaded CI machine
     a, b = open_page(), open_page()
     send(a, "First visitor's question")
     a.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length >= 1")
     send(b, "Second visitor's question")
     # at once, while A still streams: B's message is in B's chat, saying what it waits for
-    wait_text(b, "#hs-chat-box", r"Second visitor's question", timeout=3)
-    wait_text(b, "#hs-chat-box .hs-pending", r"waiting for another visitor's answer", timeout=3)
+    wait_text(b, "#hs-chat-box", r"Second visitor's question", timeout=8)
+    wait_text(b, "#hs-chat-box .hs-pending", r"waiting for another visitor's answer", timeout=8)
     assert b.locator("#hs-msg textarea").input_value() == ""
     # A sends again while its answer streams: queued visibly behind it, never dropped
     send(a, "A follow-up while streaming")
-    wait_text(a, "#hs-chat-box .hs-pending", r"answered when your previous message's answer is done", timeout=3)
+    wait_text(a, "#hs-chat-box .hs-pending", r"answered when your previous message's answer is done", timeout=8)
     assert a.locator("#hs-chat-box .hs-user").count() == 2
     assert "streaming" in text_of(a, "#hs-chat-box")           # A's first answer was still streaming meanwhile
     # B's status line: what it waits for, and Gradio's live queue position
     assert re.search(r"waiting for another visitor's answer|queue: \d+/\d+", text_of(b, "#hs-status"))
-    wait_text(b, "#hs-status", r"queue: 1/\d", timeout=5)
+    wait_text(b, "#hs-status", r"queue: 1/\d", timeout=10)
     # everything gets answered: B after A's first answer, then A's follow-up
-    wait_text(b, "#hs-status", r"done \(", timeout=40)
+    wait_text(b, "#hs-status", r"done \(", timeout=90)
     t0 = time.time()
-    while a.locator("#hs-chat-box .hs-pending").count() and time.time() - t0 < 40:
+    while a.locator("#hs-chat-box .hs-pending").count() and time.time() - t0 < 90:
         a.wait_for_timeout(200)
-    wait_text(a, "#hs-status", r"done \(", timeout=40)
+    wait_text(a, "#hs-status", r"done \(", timeout=90)
     assert a.locator("#hs-chat-box .hs-bot").count() == 2 and not a.locator("#hs-chat-box .hs-pending").count()
     assert "It returns the sum" in text_of(a, "#hs-chat-box .hs-bot >> nth=1")
     assert b.locator("#hs-chat-box .hs-bot").count() == 1 and "It returns the sum" in text_of(b, "#hs-chat-box")
