@@ -116,19 +116,22 @@ drafts-2: prepare-2
 
 # -- self-distilled data (issue: drafts that predict the target's own text; hours on a CPU, resumable) --
 # The held-out dialogues first (small; the evaluation needs them), then the training ones;
-# every command resumes where a killed run stopped.
+# every command resumes where a stopped run ended (Ctrl-C / kill keep every answered turn).
+# The answers are kept in the repo (assets/distill/, text) so that runs of several sessions
+# add up: commit them after a run.
+DISTILL_DIR ?= assets/distill
 DISTILL_LIMIT ?= 4000
 DISTILL_FLAGS ?=
 
 .PHONY: distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-drafts-3 ship-drafts-3
 distill: setup
-	$(BIN)/python -m hass distill --out $(DATA)/distill-heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
-	$(BIN)/python -m hass distill --out $(DATA)/distill-train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
+	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
+	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
 	$(MAKE) prepare-3
 
 prepare-3: setup
-	$(BIN)/python -m hass prepare --data $(DATA)/distill-heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
-	$(BIN)/python -m hass prepare --data $(DATA)/distill-train.jsonl --out $(DATA)/distill-train-$(MAX_LEN) --max-len $(MAX_LEN)
+	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
+	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/train.jsonl --out $(DATA)/distill-train-$(MAX_LEN) --max-len $(MAX_LEN)
 
 # tokens/s of batched generation per batch size on this machine (docs/TRAINING.md's table)
 distill-measure: setup

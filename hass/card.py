@@ -74,11 +74,15 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
                   "and vocabulary, so it is found however the model is loaded). Trained and measured on the "
                   f"target's **{extra.get('target_weights', 'unrecorded')}** weights only; with other weights of "
                   "the same model (e.g. the hub's original ones) the output stays exact, acceptance may differ.", ""]
+    data_line = f"- data: `{cfg.get('data')}`" + (f" ({data_meta['counts']['dialogues']} dialogues, "
+                                                 f"{data_meta['counts']['tokens']} tokens, "
+                                                 f"{data_meta['counts']['loss_tokens']} loss tokens, "
+                                                 f"max length {data_meta['max_len']})" if data_meta else "")
+    if data_meta is None and (folder / "card.md").is_file():     # the prepared data is gone: keep what
+        old = [ln for ln in (folder / "card.md").read_text().splitlines() if ln.startswith("- data: ")]
+        data_line = old[0] if old else data_line                 # this command wrote from it before
     lines += ["## Training", "",
-              f"- data: `{cfg.get('data')}`" + (f" ({data_meta['counts']['dialogues']} dialogues, "
-                                                   f"{data_meta['counts']['tokens']} tokens, "
-                                                   f"{data_meta['counts']['loss_tokens']} loss tokens, "
-                                                   f"max length {data_meta['max_len']})" if data_meta else ""),
+              data_line,
               f"- objective: n = {loss.get('align_steps')} alignment passes, top-K distillation K = "
               f"{loss.get('topk')} with weight w = {loss.get('topk_weight')}, regression {loss.get('reg_weight')}, "
               f"classification {loss.get('cls_weight')}",
