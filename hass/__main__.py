@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="the first N dialogues of the split")
     ds.add_argument("--batch-size", type=int, default=64, help="prompts handed to the decoder together "
                     "(continuous batching keeps the rows busy inside one hand-over)")
-    ds.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
-                    help="continuous batching (rows leave and join as they finish), static left-padded batches of "
-                         "16, or auto: continuous when every prompt of a call is short, else static")
+    ds.add_argument("--engine", choices=("static", "continuous"), default="static",
+                    help="static: length-sorted left-padded batches of 16 (faster on the 2-core CPU, "
+                         "see --measure-engines); continuous: rows leave and join as they finish")
     ds.add_argument("--max-new-tokens", type=int, default=384, help="cap per answer")
     ds.add_argument("--max-len", type=int, default=1024, help="a dialogue ends when its prompt leaves no room "
                     "under this length")

@@ -62,7 +62,7 @@ class DistillConfig:
     max_new_tokens: int = 384
     max_len: int = 1024
     batch_size: int = 64
-    engine: str = "auto"
+    engine: str = "static"
     sampled_fraction: float = 0.25
     temperature: float = 1.0
     max_turns: int = 8
@@ -75,8 +75,8 @@ class DistillConfig:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
         if not 1 <= self.batch_size <= 512:
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
-        if self.engine not in ("auto", "continuous", "static"):
-            raise ValueError(f"engine must be 'auto', 'continuous' or 'static', got {self.engine!r}")
+        if self.engine not in ("continuous", "static"):
+            raise ValueError(f"engine must be 'static' or 'continuous', got {self.engine!r}")
         if not 0.0 <= self.sampled_fraction <= 1.0:
             raise ValueError(f"sampled_fraction must be in [0, 1], got {self.sampled_fraction}")
         if not 0.0 < self.temperature <= 10.0:
@@ -155,9 +155,10 @@ def generate_continuous(target, prompts: Sequence[list[int]], max_new_tokens: in
                         seed: int = 0) -> list[tuple[list[int], str]]:
     """`generate_batch` by continuous batching (`transformers`' paged-KV `generate_batch`): a row
     that finishes leaves the batch at once and a waiting prompt takes its place, so no forward
-    is spent on padding or on rows that already ended. On the 2-core CPU this doubled the kept
-    tokens/s of static batches of 16 (29.7 vs 13.6 on 32 first turns, 192-token cap). Same
-    result format as `generate_batch`; greedy rows give the same tokens up to float rounding."""
+    is spent on padding or on rows that already ended. On a CPU its attention over all rows'
+    keys at once costs more than that saves here (`distill --measure-engines`), so `distill`
+    uses it only when asked. Same result format as `generate_batch`; greedy rows give the
+    same tokens up to float rounding."""
     eos = sorted(target.eos_ids)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=_pad_id(target),
                            **(dict(do_sample=False) if temperature == 0 else
@@ -182,22 +183,17 @@ def generate_continuous(target, prompts: Sequence[list[int]], max_new_tokens: in
     return results
 
 
-SHORT_PROMPT = 256      # "auto": continuous batching only when every prompt of the call is this short
 STATIC_BATCH = 16       # rows per static batch (the knee of `--measure` here)
 
 
 def _generate(cfg: DistillConfig, target, prompts: list[list[int]], room: int, temperature: float,
               seed: int) -> list[tuple[list[int], str]]:
-    """One call's answers by the engine `cfg` asks for.
-
-    Continuous batching wins on short prompts (no row waits for the longest one) and loses
-    on long ones (`transformers`' CPU path attends over all rows' keys at once, so attention
-    grows with rows x total context); `distill --measure-engines` measures both on the
-    machine at hand (docs/TRAINING.md). "auto" picks by prompt length."""
-    engine = cfg.engine
-    if engine == "auto":
-        engine = "continuous" if max(len(p) for p in prompts) <= SHORT_PROMPT else "static"
-    if engine == "continuous":
+    """One call's answers by the engine `cfg` asks for: static batches of STATIC_BATCH rows,
+    sorted by prompt length (little padding), or continuous batching. On this project's 2-core
+    CPU static batching kept more tokens/s for short and for long prompts alike
+    (`distill --measure-engines`, docs/TRAINING.md): `transformers`' CPU path for continuous
+    batching attends over all rows' keys in one masked product."""
+    if cfg.engine == "continuous":
         return generate_continuous(target, prompts, room, temperature, seed=seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))      # similar lengths: little padding
     out: list = [None] * len(prompts)

@@ -123,7 +123,7 @@ def test_an_interrupt_keeps_every_answered_turn(tiny_target, tmp_path, monkeypat
                  for i in range(3)]
     monkeypatch.setattr(type(t), "eos_ids", property(lambda self: {7}))
     out = tmp_path / "d.jsonl"
-    cfg = DistillConfig(max_new_tokens=6, max_len=64, batch_size=8, sampled_fraction=0.0)
+    cfg = DistillConfig(max_new_tokens=6, max_len=64, batch_size=8, sampled_fraction=0.0, engine="continuous")
     with pytest.raises(KeyboardInterrupt):
         distill(t, dialogues, out, cfg, progress=False)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
