@@ -136,7 +136,7 @@ prepare-3: setup
 # tokens/s of batched generation per batch size on this machine (docs/TRAINING.md's table)
 distill-measure: setup
 	$(BIN)/python -m hass distill --measure 1,8,16,32,64
-	$(BIN)/python -m hass distill --measure-engines 48
+	$(BIN)/python -m hass distill --measure-engines 16
 
 # Stage 3: both shipped (stage-2) drafts continued on the self-distilled data, same settings
 # and steps for both; evaluated on distilled held-out dialogues; shipped only if better
