@@ -123,7 +123,7 @@ DISTILL_DIR ?= assets/distill
 DISTILL_LIMIT ?= 4000
 DISTILL_FLAGS ?=
 
-.PHONY: distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-drafts-3 ship-drafts-3
+.PHONY: distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-drafts-3 ship-drafts-3
 distill: setup
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
@@ -155,14 +155,22 @@ drafts-3: prepare-3
 	$(MAKE) -j2 draft-hass-3 draft-eagle2-3
 	$(MAKE) eval-drafts-3
 
-# the shipped drafts and the stage-3 runs, evaluated the same way (10 questions per set,
-# tree 60/6/10, T = 0, 128 tokens; held-out accuracy on the distilled held-out dialogues)
-eval-drafts-3: setup
+# the issues' tau protocol: first turns of the first 4 MT-bench, 3 HumanEval and 3 GSM8K
+# questions, tree 60/6/10, 128 new tokens, T = 0 and T = 1 (seed = prompt index)
+TAU_FLAGS ?= --questions 4,3,3 --total-tokens 60 --depth 6 --top-k 10 --max-new-tokens 128 --temperature 0 1
+
+# the shipped drafts and the stage-3 runs, evaluated the same way (held-out accuracy on the
+# distilled held-out dialogues)
+eval-shipped: setup
 	for d in hass eagle2; do \
 		$(BIN)/python -m hass eval-draft --draft $(DRAFTS)/smollm2-135m-$$d --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-			--questions 10 --out $(RUNS)/shipped-$$d-eval-distill.json && \
+			$(TAU_FLAGS) --out $(RUNS)/shipped-$$d-eval.json; \
+	done
+
+eval-drafts-3: setup
+	for d in hass eagle2; do \
 		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-3 --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-			--questions 10 --out $(RUNS)/smollm2-135m-$$d-3/eval.json; \
+			$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$$d-3/eval.json; \
 	done
 
 ship-drafts-3: setup

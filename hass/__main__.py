@@ -150,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--heldout", type=Path, default=None, help="a held-out folder written by `prepare --split held-out`")
     e.add_argument("--align-steps", type=int, default=3)
     e.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
-    e.add_argument("--questions", type=int, default=10, help="first N questions of each set")
+    e.add_argument("--questions", default="10",
+                   help="first N questions of each set, or one count per set (e.g. 4,3,3 with the default sets)")
     e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--temperature", type=float, nargs="+", default=[0.0],
+                   help="one or more temperatures (above 0: sampled, seed 0, 1, ... per prompt)")
     _add_tree_args(e)
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
@@ -550,27 +553,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _per_set_counts(sets: list[str], questions: str) -> dict[str, int]:
+    """`--questions` as one count for every set or one per set, in the sets' order."""
+    try:
+        counts = [int(x) for x in str(questions).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--questions: whole numbers expected, got {questions!r}") from None
+    if len(counts) == 1:
+        counts *= len(sets)
+    if len(counts) != len(sets) or min(counts, default=0) < 1:
+        raise SystemExit(f"--questions: one count >= 1 or one per set ({len(sets)}: {','.join(sets)}), "
+                         f"got {questions!r}")
+    return dict(zip(sets, counts))
+
+
 def cmd_eval_draft(args) -> int:
     from .assets import resolve_draft
     from .evaluate import heldout_accuracy, tau_on_set
     from .tree import TreeConfig
     tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree by default
                       6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
+    counts = _per_set_counts([x for x in args.sets.split(",") if x], args.questions)
+    if any(t < 0 for t in args.temperature):
+        raise SystemExit("--temperature must be >= 0")
     target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
     report: dict = {"draft": label, "tree": [tree.total_tokens, tree.depth, tree.top_k],
-                    "questions_per_set": args.questions, "max_new_tokens": args.max_new_tokens}
+                    "questions_per_set": counts, "max_new_tokens": args.max_new_tokens}
     if args.heldout:
         report["heldout"] = heldout_accuracy(draft, target, str(args.heldout), args.align_steps)
-    sets = {}
-    for name in [x for x in args.sets.split(",") if x]:
-        r = tau_on_set(target, draft, name, args.questions, args.max_new_tokens, tree)
-        sets[name] = r.__dict__
-        logging.getLogger("hass").info("%s: tau %.3f (macro %.3f)", name, r.tau, r.tau_macro)
-    report["sets"] = sets
-    report["mean_tau"] = sum(v["tau"] for v in sets.values()) / max(len(sets), 1)
-    report["mean_tau_macro"] = sum(v["tau_macro"] for v in sets.values()) / max(len(sets), 1)
+    by_temp = {}
+    for temp in args.temperature:
+        sets = {}
+        for name, n in counts.items():
+            r = tau_on_set(target, draft, name, n, args.max_new_tokens, tree, temperature=temp)
+            sets[name] = r.__dict__
+            logging.getLogger("hass").info("T=%g %s: tau %.3f (macro %.3f)", temp, name, r.tau, r.tau_macro)
+        by_temp[temp] = {
+            "sets": sets,
+            "mean_tau": sum(v["tau"] for v in sets.values()) / max(len(sets), 1),
+            "mean_tau_macro": sum(v["tau_macro"] for v in sets.values()) / max(len(sets), 1),
+            # every prompt weighs the same, whichever set it is from
+            "prompt_mean_tau": sum(v["tau_macro"] * v["prompts"] for v in sets.values())
+            / max(sum(v["prompts"] for v in sets.values()), 1),
+        }
+    first = by_temp[args.temperature[0]]
+    report.update(first)                                    # the first temperature at the top level
+    report["temperature"] = args.temperature[0]
+    if len(by_temp) > 1:
+        report["by_temperature"] = {str(t): v for t, v in by_temp.items()}
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report))
@@ -578,10 +611,13 @@ def cmd_eval_draft(args) -> int:
         if "heldout" in report:
             acc = ", ".join(f"{a:.3f}" for a in report["heldout"]["accuracy_per_pass"])
             print(f"held-out top-1 accuracy per pass: {acc} ({report['heldout']['tokens']} tokens)")
-        for name, v in sets.items():
-            print(f"{name:>10}: tau {v['tau']:.3f}  macro {v['tau_macro']:.3f}  draft-vocabulary coverage "
-                  f"{v['vocab_coverage']:.3f}  per-depth " + " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"]))
-        print(f"{'mean':>10}: tau {report['mean_tau']:.3f}  macro {report['mean_tau_macro']:.3f}")
+        for temp, block in by_temp.items():
+            print(f"T = {temp:g}")
+            for name, v in block["sets"].items():
+                print(f"{name:>10}: tau {v['tau']:.3f}  macro {v['tau_macro']:.3f}  draft-vocabulary coverage "
+                      f"{v['vocab_coverage']:.3f}  per-depth " + " ".join(f"{a:.2f}" for a in v["per_depth_acceptance"]))
+            print(f"{'mean':>10}: tau {block['mean_tau']:.3f}  macro {block['mean_tau_macro']:.3f}  "
+                  f"per prompt {block['prompt_mean_tau']:.3f}")
     return 0
 
 

@@ -108,9 +108,11 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
     if command:
         lines += ["", "Reproduce:", "", "```bash", command, "```"]
     if ev:
+        q = ev["questions_per_set"]
+        first = (", ".join(f"{n} {s}" for s, n in q.items()) if isinstance(q, dict) else f"{q} per set")
         lines += ["", "## Evaluation (`python -m hass eval-draft`)", "",
-                  f"Tree {ev['tree']}, T = 0, first {ev['questions_per_set']} questions per set, "
-                  f"{ev['max_new_tokens']} new tokens.", ""]
+                  f"Tree {ev['tree']}, T = {ev.get('temperature', 0.0):g}, first turns of the first {first} "
+                  f"questions, {ev['max_new_tokens']} new tokens.", ""]
         if "heldout" in ev:
             acc = ", ".join(f"{a:.3f}" for a in ev["heldout"]["accuracy_per_pass"])
             lines.append(f"Held-out top-1 accuracy per alignment pass: {acc} "
@@ -124,6 +126,11 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
             lines.append(f"| {name} | {v['tau']:.3f} | {v['tau_macro']:.3f} | {pda} |"
                          + (f" {v['vocab_coverage']:.1%} |" if cov else ""))
         lines.append(f"| mean | {ev['mean_tau']:.3f} | {ev['mean_tau_macro']:.3f} | |" + (" |" if cov else ""))
+        for temp, block in ev.get("by_temperature", {}).items():
+            if float(temp) == float(ev.get("temperature", 0.0)):
+                continue
+            lines += ["", f"At T = {float(temp):g} (sampled, seed = prompt index): mean tau {block['mean_tau']:.3f} "
+                      "(" + ", ".join(f"{n} {v['tau']:.3f}" for n, v in block["sets"].items()) + ")."]
     path = folder / "card.md"
     path.write_text("\n".join(lines) + "\n")
     return path

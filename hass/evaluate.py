@@ -13,6 +13,7 @@ from .events import summarize
 from .losses import aligned_forward, shift_level
 from .target import Target
 from .tree import TreeConfig
+from .verify import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,13 @@ def vocab_coverage(draft: DraftHead, tokens: list[int]) -> float:
 
 
 def tau_on_set(target: Target, draft: DraftHead, set_name: str, limit: int, max_new_tokens: int = 128,
-               tree: TreeConfig = TreeConfig()) -> TauResult:
-    """Greedy decoding of the first turn of the first `limit` questions; acceptance statistics."""
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree)
+               tree: TreeConfig = TreeConfig(), temperature: float = 0.0, seed: int = 0) -> TauResult:
+    """Decoding of the first turn of the first `limit` questions (greedy at temperature 0,
+    sampled with a fixed seed per prompt above it); acceptance statistics."""
     all_steps, macro = [], []
-    for q in load_set(set_name, limit):
+    for i, q in enumerate(load_set(set_name, limit)):
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree,
+                               sampling=SamplingConfig(temperature=temperature), seed=seed + i)
         ids = target.render([{"role": "user", "content": q.turns[0]}])
         steps = list(speculative_generate(target, draft, ids, cfg))
         all_steps.extend(steps)

@@ -168,3 +168,27 @@ def test_training_precision():
     assert mixed_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "no")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(data="x", out="y", precision="fp16").validate()
+
+
+def test_eval_draft_per_set_counts_and_temperatures(data_dir, tiny_folder, tmp_path, capsys):
+    """The issue's protocol (4 / 3 / 3 first questions, T = 0 and T = 1) in one command; the
+    card tells both temperatures; a count per set that does not match the sets is refused."""
+    from hass.__main__ import main
+    from hass.card import write_card
+    run = train(_cfg(data_dir, tmp_path / "run", max_steps=2), device="cpu")
+    out = tmp_path / "eval.json"
+    rc = main(["eval-draft", "--model", str(tiny_folder), "--draft", str(run), "--questions", "2,1,1",
+               "--temperature", "0", "1", "--max-new-tokens", "8", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["questions_per_set"] == {"mt_bench": 2, "humaneval": 1, "gsm8k": 1}
+    assert [v["prompts"] for v in rep["sets"].values()] == [2, 1, 1]
+    assert set(rep["by_temperature"]) == {"0.0", "1.0"}
+    assert rep["sets"] == rep["by_temperature"]["0.0"]["sets"] and rep["temperature"] == 0.0
+    per_prompt = sum(v["tau_macro"] * v["prompts"] for v in rep["sets"].values()) / 4
+    assert rep["prompt_mean_tau"] == pytest.approx(per_prompt)
+    (run / "eval.json").write_text(out.read_text())
+    card = write_card(run, "tiny").read_text()
+    assert "2 mt_bench, 1 humaneval, 1 gsm8k" in card and "At T = 1 (sampled" in card
+    with pytest.raises(SystemExit, match="one per set"):
+        main(["eval-draft", "--model", str(tiny_folder), "--draft", str(run), "--questions", "2,1"])
