@@ -123,7 +123,7 @@ DISTILL_DIR ?= assets/distill
 DISTILL_LIMIT ?= 4000
 DISTILL_FLAGS ?=
 
-.PHONY: distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-drafts-3 ship-drafts-3
+.PHONY: prepare-3-ctl draft-hass-3-ctl distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-drafts-3 ship-drafts-3
 distill: setup
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
@@ -141,7 +141,7 @@ distill-measure: setup
 # Stage 3: both shipped (stage-2) drafts continued on the self-distilled data, same settings
 # and steps for both; evaluated on distilled held-out dialogues; shipped only if better
 # (`make ship-drafts-3` after reading the eval tables).
-STAGE3_FLAGS ?= --lr 5e-4 --warmup 0.02 --batch-size 4 --threads 1 --epochs 2
+STAGE3_FLAGS ?= --lr 5e-4 --warmup 0.02 --batch-size 4 --threads 1 --epochs 1
 
 draft-hass-3: setup
 	$(BIN)/python -m hass train --data $(DATA)/distill-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass-3 \
@@ -154,6 +154,15 @@ draft-eagle2-3: setup
 drafts-3: prepare-3
 	$(MAKE) -j2 draft-hass-3 draft-eagle2-3
 	$(MAKE) eval-drafts-3
+
+# the control of stage 3: the same prompts with ShareGPT's original answers, HASS trained
+# with the same settings and steps (does the target's own text teach more per token?)
+prepare-3-ctl: setup
+	$(BIN)/python -m hass prepare --same-as $(DISTILL_DIR)/train.jsonl --out $(DATA)/distill-ctl-train-$(MAX_LEN) --max-len $(MAX_LEN)
+
+draft-hass-3-ctl: setup
+	$(BIN)/python -m hass train --data $(DATA)/distill-ctl-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass-3-ctl \
+		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 $(STAGE3_FLAGS) $(RESUME)
 
 # the issues' tau protocol: first turns of the first 4 MT-bench, 3 HumanEval and 3 GSM8K
 # questions, tree 60/6/10, 128 new tokens, T = 0 and T = 1 (seed = prompt index)

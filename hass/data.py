@@ -85,6 +85,30 @@ def default_sharegpt_path() -> Path:
     return path
 
 
+def same_prompts(originals: list[Dialogue], answered: list[Dialogue]) -> list[Dialogue]:
+    """The `originals` that `answered` (e.g. a distilled file) answered, in its order, each cut
+    after its original answer to the last user turn `answered` has: the same prompts with
+    the original answers, to compare training data sources at equal prompts."""
+    by_id = {d.id: d for d in originals}
+    out = []
+    for a in answered:
+        d = by_id.get(a.id)
+        turns = sum(m["role"] == "user" for m in a.messages)
+        if d is None or turns == 0:
+            continue
+        cut, seen = len(d.messages), 0
+        for i, m in enumerate(d.messages):
+            seen += m["role"] == "user"
+            if seen > turns:
+                cut = i
+                break
+        out.append(Dialogue(d.id, d.messages[:cut]))
+    missing = len(answered) - len(out)
+    if missing:
+        log.warning("%d of %d answered dialogues have no original here (other split or file)", missing, len(answered))
+    return out
+
+
 def load_dialogues(path: str | Path | None = None, limit: int | None = None,
                    keep_continuations: bool = False) -> list[Dialogue]:
     """Read usable dialogues from a ShareGPT JSON array or a JSONL file.

@@ -131,3 +131,20 @@ def test_an_interrupt_keeps_every_answered_turn(tiny_target, tmp_path, monkeypat
     assert all(r["stops"] == ["eos"] and len(r["messages"]) == 2 for r in recs)
     monkeypatch.setattr(distill_mod, "generate_continuous", real)
     assert distill(t, dialogues, out, cfg, progress=False).dialogues == 0
+
+
+def test_same_prompts_gives_the_original_answers_of_the_distilled_turns():
+    """The control of a self-distillation run: the same prompts, the original answers, cut
+    to as many user turns as the distilled dialogue has; unknown ids are left out."""
+    from hass.data import Dialogue, same_prompts
+    u, a = "user", "assistant"
+    orig = [Dialogue("x", [{"role": u, "content": "q1"}, {"role": a, "content": "a1"},
+                           {"role": u, "content": "q2"}, {"role": a, "content": "a2"}]),
+            Dialogue("y", [{"role": u, "content": "p1"}, {"role": a, "content": "b1"}])]
+    answered = [Dialogue("y", [{"role": u, "content": "p1"}, {"role": a, "content": "mine"}]),
+                Dialogue("x", [{"role": u, "content": "q1"}, {"role": a, "content": "mine"}]),
+                Dialogue("z", [{"role": u, "content": "?"}, {"role": a, "content": "mine"}])]
+    got = same_prompts(orig, answered)
+    assert [d.id for d in got] == ["y", "x"]
+    assert got[0].messages == orig[1].messages
+    assert got[1].messages == orig[0].messages[:2]          # one user turn, with its original answer
