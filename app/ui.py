@@ -12,6 +12,7 @@ from visual.theme import empty_figure
 
 from . import batch as batch_view
 from . import chat, training
+from . import race as race_view
 from .studio import DRAFT_CHOICES, Session, Studio
 from .training import TrainingManager
 
@@ -107,8 +108,8 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
         draft_label = "random"
     first = Session(draft_spec=studio.default_draft_spec, draft_label=draft_label)
     cost0 = chat.cost_panel(studio, first)
-    race_cost0 = chat.race_cost_panel(studio, first)
-    passes0 = chat.pass_panel(studio, {"HASS draft (shipped)": "hass", "EAGLE-2 draft (shipped)": "eagle2"})
+    race_cost0 = race_view.race_cost_panel(studio, first)
+    passes0 = race_view.pass_panel(studio, {"HASS draft (shipped)": "hass", "EAGLE-2 draft (shipped)": "eagle2"})
 
     with gr.Blocks(title="HASS Studio") as demo:
         def fresh_session() -> Session:
@@ -216,7 +217,7 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                              elem_id="hs-race-prompt")
                     race_btn = gr.Button("Race plain vs HASS", variant="primary", scale=1, min_width=170,
                                          elem_id="hs-race")
-                    ab_other = gr.Dropdown(list(chat.AB_CHOICES), value=chat.AB_CHOICES[0],
+                    ab_other = gr.Dropdown(list(race_view.AB_CHOICES), value=race_view.AB_CHOICES[0],
                                            label="A/B: shipped HASS draft against", scale=1, min_width=230,
                                            elem_id="hs-ab-other")
                     ab_btn = gr.Button("Run A/B", scale=0, min_width=110, elem_id="hs-ab")
@@ -333,16 +334,16 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                        **dec}
         # the race starts only when race_submit accepts it (.success); a click while this tab's race
         # runs is refused with a message saying why, never silently dropped
-        ev_race = race_btn.click(partial(chat.race_submit, studio), [state], [state, race_status], **now).success(
-            partial(chat.race, studio), race_in, race_out, api_name="race", **queued_race)
-        ev_race.then(partial(chat.race_cost_panel, studio), [state], [race_cost, race_cost_text],
+        ev_race = race_btn.click(partial(race_view.race_submit, studio), [state], [state, race_status], **now).success(
+            partial(race_view.race, studio), race_in, race_out, api_name="race", **queued_race)
+        ev_race.then(partial(race_view.race_cost_panel, studio), [state], [race_cost, race_cost_text],
                      concurrency_limit=None, show_progress="hidden", api_visibility="private")
-        ev_ab = ab_btn.click(partial(chat.ab_submit, studio), [state, ab_other],
+        ev_ab = ab_btn.click(partial(race_view.ab_submit, studio), [state, ab_other],
                              [state, race_status, passes_plot, passes_text], **now).success(
-            partial(chat.ab, studio), [*race_in, ab_other], race_out, api_name="ab", **queued_race)
-        ev_ab.then(partial(chat.race_cost_panel, studio), [state], [race_cost, race_cost_text],
+            partial(race_view.ab, studio), [*race_in, ab_other], race_out, api_name="ab", **queued_race)
+        ev_ab.then(partial(race_view.race_cost_panel, studio), [state], [race_cost, race_cost_text],
                    concurrency_limit=None, show_progress="hidden", api_visibility="private")
-        race_stop.click(partial(chat.race_stop, studio), [state], race_status, cancels=[ev_race, ev_ab],
+        race_stop.click(partial(race_view.race_stop, studio), [state], race_status, cancels=[ev_race, ev_ab],
                         concurrency_limit=None, api_name="race_stop")
 
         prep_btn.click(partial(training.prepare_small, studio), [n_dlg], [data, train_status], api_name="prepare", **dec)

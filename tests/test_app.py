@@ -12,6 +12,7 @@ import time
 import pytest
 
 from app import chat, training
+from app import race as race_mod
 from app.studio import DecodeRun, Session, SettingsError, Studio, TokenTexts, make_config
 from app.training import TrainingManager
 from hass.target import Target, load_target
@@ -237,7 +238,7 @@ def _capture_runs(studio, monkeypatch) -> list:
 def test_race_interleaves_streams_both_sides_and_reports_the_time_ratio(studio, session, monkeypatch):
     runs = _capture_runs(studio, monkeypatch)
     slow(studio, monkeypatch, delay=0.02)        # outside the decoders' clocks: many UI updates
-    outs = run_all(chat.race(studio, session, "Count to ten.", 0, 1, 24, 16, 4, 4, True, warmup=2))
+    outs = run_all(race_mod.race(studio, session, "Count to ten.", 0, 1, 24, 16, 4, 4, True, warmup=2))
     left, right, speed, depth, status = outs[-1]
     (run,) = runs
     assert run.error is None
@@ -289,19 +290,19 @@ def test_speedup_verdict_says_slower_when_it_is():
         return [Step(index=0, kind=kind, tree=None, path=[], accepted=0, new_tokens=tokens,
                      sources=["target"] * len(tokens), target_prob=[1.0] * len(tokens),
                      timings={"draft": 0.0, "verify": seconds, "other": 0.0})]
-    fast = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 3], "plain")})
+    fast = race_mod.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 3], "plain")})
     assert "2.00× faster than plain" in fast and "same 3 new tokens (identical token ids)" in fast
-    slow_ = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(1.25, [1, 2, 3], "plain")})
+    slow_ = race_mod.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(1.25, [1, 2, 3], "plain")})
     assert "HASS: 0.80× the speed of plain: plain is 1.25× faster" in slow_
     assert "faster than plain" not in slow_ and "slower" not in slow_
-    other = chat.race_verdict({"plain": side(1.0, [1, 2], "plain"), "HASS": side(1.0, [1, 2, 3, 4], "plain")})
+    other = race_mod.race_verdict({"plain": side(1.0, [1, 2], "plain"), "HASS": side(1.0, [1, 2, 3, 4], "plain")})
     assert "different lengths" in other and "2.00× faster" in other
-    sampled = chat.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 4], "plain")})
+    sampled = race_mod.race_verdict({"plain": side(1.0, [1, 2, 3], "plain"), "HASS": side(0.5, [1, 2, 4], "plain")})
     assert "2.00× faster" in sampled and "for 3 new tokens each" in sampled and "identical" not in sampled
 
 
 def test_ab_without_shipped_drafts_says_why(studio, session):
-    outs = run_all(chat.ab(studio, session, "Hi", 0, 1, 8, 16, 4, 4, True))
+    outs = run_all(race_mod.ab(studio, session, "Hi", 0, 1, 8, 16, 4, 4, True))
     assert len(outs) == 1 and "A/B compares against the shipped HASS draft" in outs[0][4]
 
 
@@ -316,8 +317,8 @@ def test_ab_with_the_shipped_drafts_on_the_default_model(default_studio):
     studio = default_studio
     assert studio.shipped("hass") is not None and studio.shipped("eagle2") is not None
     t = studio.tree_defaults
-    outs = run_all(chat.ab(studio, Session(), "Name three rivers in Europe.", 0, 1, 20, t.total_tokens, t.depth,
-                           t.top_k, True, "shipped EAGLE-2", warmup=2))
+    outs = run_all(race_mod.ab(studio, Session(), "Name three rivers in Europe.", 0, 1, 20, t.total_tokens, t.depth,
+                               t.top_k, True, "shipped EAGLE-2", warmup=2))
     left, right, speed, depth, status = outs[-1]
     assert not status.startswith("⚠️"), status
     series = {tr.name.split(" (τ")[0]: tr for tr in depth.data}
@@ -330,9 +331,9 @@ def test_ab_with_the_shipped_drafts_on_the_default_model(default_studio):
     assert re.search(r"for the same \d+ new tokens \(identical token ids\)", status), status
     assert 'class="hs-tok"' in left and 'class="hs-tok"' in right
     # the other B choices explain themselves when they cannot run
-    out = run_all(chat.ab(studio, Session(), "Hi", 0, 1, 8, 16, 4, 4, True, "trained in this app"))
+    out = run_all(race_mod.ab(studio, Session(), "Hi", 0, 1, 8, 16, 4, 4, True, "trained in this app"))
     assert len(out) == 1 and "no draft has been trained" in out[0][4]
-    out = run_all(chat.ab(studio, Session(draft_spec="default"), "Hi", 0, 1, 8, 16, 4, 4, True, "the chat's draft"))
+    out = run_all(race_mod.ab(studio, Session(draft_spec="default"), "Hi", 0, 1, 8, 16, 4, 4, True, "the chat's draft"))
     assert len(out) == 1 and "shipped HASS draft itself" in out[0][4]
 
 

@@ -19,6 +19,7 @@ import pytest
 from browser import text_of, wait_text
 
 from app import chat
+from app import race as race_mod
 from app.studio import Session, Studio
 from app.training import TrainingManager
 from hass.events import DraftTree, Step
@@ -337,11 +338,11 @@ def test_race_verdict_words_both_ways():
         return [Step(index=0, kind=kind, tree=None, path=[], accepted=0, new_tokens=list(range(n)),
                      sources=["target"] * n, target_prob=[1.0] * n,
                      timings={"draft": 0.0, "verify": seconds, "other": 0.0})]
-    fast = chat.race_verdict({"plain": side(1.24, 5), "HASS": side(1.0, 5)})
+    fast = race_mod.race_verdict({"plain": side(1.24, 5), "HASS": side(1.0, 5)})
     assert fast.startswith("**HASS: 1.24× faster than plain**")
-    slow = chat.race_verdict({"plain": side(1.0, 5), "HASS": side(1.25, 5)})
+    slow = race_mod.race_verdict({"plain": side(1.0, 5), "HASS": side(1.25, 5)})
     assert slow.startswith("**HASS: 0.80× the speed of plain: plain is 1.25× faster**")
-    ab = chat.race_verdict({"HASS draft (shipped)": side(1.0, 5), "EAGLE-2 draft (shipped)": side(1.25, 5)})
+    ab = race_mod.race_verdict({"HASS draft (shipped)": side(1.0, 5), "EAGLE-2 draft (shipped)": side(1.25, 5)})
     assert "EAGLE-2 draft (shipped): 0.80× the speed of HASS draft (shipped): HASS draft (shipped) is 1.25× " \
            "faster" in ab
 
@@ -396,9 +397,9 @@ def test_pass_accuracy_from_the_cards(studio_app, tmp_path):
     import json
     studio = studio_app[0]
     shipped = ROOT / "assets" / "drafts"
-    fig, text = chat.pass_panel(studio, {"HASS draft (shipped)": str(shipped / "smollm2-135m-hass"),
-                                         "EAGLE-2 draft (shipped)": str(shipped / "smollm2-135m-eagle2"),
-                                         "random": "random"})
+    fig, text = race_mod.pass_panel(studio, {"HASS draft (shipped)": str(shipped / "smollm2-135m-hass"),
+                                             "EAGLE-2 draft (shipped)": str(shipped / "smollm2-135m-eagle2"),
+                                             "random": "random"})
     acc = {k: json.loads((shipped / f"smollm2-135m-{k}" / "eval.json").read_text())["heldout"]["accuracy_per_pass"]
            for k in ("hass", "eagle2")}
     bars = {tr.name: list(tr.y) for tr in fig.data}
@@ -410,7 +411,7 @@ def test_pass_accuracy_from_the_cards(studio_app, tmp_path):
     assert f"{d2:+.1f} points at pass 2 and {d3:+.1f} at pass 3" in text
     assert "context alignment trains passes 2 and 3" in text
     # a draft folder without eval.json is "not evaluated", never a made-up number
-    assert chat.card_accuracy(tmp_path) is None
+    assert race_mod.card_accuracy(tmp_path) is None
 
 
 # -- handlers: the queue without a browser --------------------------------------------------------------
