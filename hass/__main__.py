@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--questions", default="10",
                    help="first N questions of each set, or one count per set (e.g. 4,3,3 with the default sets)")
     e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--full-vocab", action="store_true",
+                   help="draft over the target's whole vocabulary instead of the draft's token map (the same "
+                   "weights: the output head is the target's own lm_head)")
     e.add_argument("--temperature", type=float, nargs="+", default=[0.0],
                    help="one or more temperatures (above 0: sampled, seed 0, 1, ... per prompt)")
     _add_tree_args(e)
@@ -583,6 +586,9 @@ def cmd_eval_draft(args) -> int:
         raise SystemExit("--temperature must be >= 0")
     target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
+    if args.full_vocab and draft.token_map is not None:
+        draft.token_map = None
+        label += " (full vocabulary)"
     report: dict = {"draft": label, "tree": [tree.total_tokens, tree.depth, tree.top_k],
                     "questions_per_set": counts, "max_new_tokens": args.max_new_tokens}
     if args.heldout:

@@ -192,3 +192,19 @@ def test_eval_draft_per_set_counts_and_temperatures(data_dir, tiny_folder, tmp_p
     assert "2 mt_bench, 1 humaneval, 1 gsm8k" in card and "At T = 1 (sampled" in card
     with pytest.raises(SystemExit, match="one per set"):
         main(["eval-draft", "--model", str(tiny_folder), "--draft", str(run), "--questions", "2,1"])
+
+
+def test_eval_draft_full_vocab_lifts_the_token_map(data_dir, tiny_folder, tmp_path):
+    """Knob 4's measurement: the same weights drafting over the whole vocabulary; with a
+    small token map the target's tokens are partly outside it, with --full-vocab none is."""
+    from hass.__main__ import main
+    run = train(_cfg(data_dir, tmp_path / "run", max_steps=1, draft_vocab=16), device="cpu")
+    reports = {}
+    for flag in ([], ["--full-vocab"]):
+        out = tmp_path / f"eval{len(flag)}.json"
+        assert main(["eval-draft", "--model", str(tiny_folder), "--draft", str(run), "--questions", "1",
+                     "--max-new-tokens", "8", "--out", str(out), *flag]) == 0
+        reports[bool(flag)] = json.loads(out.read_text())
+    assert reports[True]["draft"].endswith("(full vocabulary)")
+    assert all(v["vocab_coverage"] == 1.0 for v in reports[True]["sets"].values())
+    assert any(v["vocab_coverage"] < 1.0 for v in reports[False]["sets"].values())
