@@ -123,7 +123,7 @@ DISTILL_DIR ?= assets/distill
 DISTILL_LIMIT ?= 4000
 DISTILL_FLAGS ?=
 
-.PHONY: prepare-3-ctl draft-hass-3-ctl distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-drafts-3 ship-drafts-3
+.PHONY: prepare-3-ctl draft-hass-3-ctl distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-full-vocab eval-drafts-3 ship-drafts-3
 distill: setup
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
@@ -141,7 +141,7 @@ distill-measure: setup
 # Stage 3: both shipped (stage-2) drafts continued on the self-distilled data, same settings
 # and steps for both; evaluated on distilled held-out dialogues; shipped only if better
 # (`make ship-drafts-3` after reading the eval tables).
-STAGE3_FLAGS ?= --lr 5e-4 --warmup 0.02 --batch-size 4 --threads 1 --epochs 1
+STAGE3_FLAGS ?= --lr 1e-4 --warmup 0.02 --batch-size 4 --threads 1 --epochs 1
 
 draft-hass-3: setup
 	$(BIN)/python -m hass train --data $(DATA)/distill-train-$(MAX_LEN) --out $(RUNS)/smollm2-135m-hass-3 \
@@ -176,15 +176,21 @@ eval-shipped: setup
 			$(TAU_FLAGS) --out $(RUNS)/shipped-$$d-eval.json; \
 	done
 
+# knob 4: the shipped HASS draft over the whole vocabulary instead of its 8k token map
+eval-full-vocab: setup
+	$(BIN)/python -m hass eval-draft --draft $(DRAFTS)/smollm2-135m-hass --full-vocab $(TAU_FLAGS) \
+		--out $(RUNS)/shipped-hass-full-vocab.json
+
 eval-drafts-3: setup
 	for d in hass eagle2; do \
 		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-3 --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
 			$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$$d-3/eval.json; \
 	done
 
+SHIP ?= hass eagle2
 ship-drafts-3: setup
-	for d in hass eagle2; do \
+	for d in $(SHIP); do \
 		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d-3 --out $(DRAFTS)/smollm2-135m-$$d \
 			--data $(DATA)/distill-train-$(MAX_LEN) --title "SmolLM2-135M-Instruct $$d draft" \
-			--command "make distill && make drafts-3 && make ship-drafts-3"; \
+			--command "make prepare-3 && make drafts-3 && make ship-drafts-3 SHIP=$$d"; \
 	done

@@ -28,6 +28,10 @@ def export_draft(src: str | Path, dst: str | Path, title: str, data_meta: dict |
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
+    # the run it started from, read before anything is written: shipping a continued draft over
+    # the folder it was continued from (a new stage of the shipped draft) must not read itself
+    init = json.loads((src / "train_config.json").read_text()).get("init") if (src / "train_config.json").is_file() else None
+    prev = _run_record(Path(init)) if init and (Path(init) / "train_config.json").is_file() else None
     dst.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
     _atomic_write(dst / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
@@ -36,15 +40,22 @@ def export_draft(src: str | Path, dst: str | Path, title: str, data_meta: dict |
             shutil.copyfile(src / name, dst / name)
     if (src / "train_state.pt").is_file():      # the card reads steps and wall time from it
         (dst / "train_state.json").write_text(json.dumps(_state(src)))
-    init = json.loads((src / "train_config.json").read_text()).get("init") if (src / "train_config.json").is_file() else None
-    if init and (Path(init) / "train_config.json").is_file():
-        # a continued run: keep what the run it started from was, so the card tells the whole training
-        prev = {"folder": str(init), "config": json.loads((Path(init) / "train_config.json").read_text()),
-                "state": _state(Path(init)), "last_metrics": _last_metrics(Path(init))}
+    if prev is not None:
+        # a continued run: keep what the runs it started from were, so the card tells the whole training
         (dst / "init_run.json").write_text(json.dumps(prev, indent=1))
     elif (dst / "init_run.json").is_file():
         (dst / "init_run.json").unlink()
     return write_card(dst, title, data_meta, command)
+
+
+def _run_record(folder: Path) -> dict:
+    """What a run folder was (config, steps, last metrics), with the record of the run it was
+    itself continued from, if it kept one (an exported draft's init_run.json)."""
+    rec = {"folder": str(folder), "config": json.loads((folder / "train_config.json").read_text()),
+           "state": _state(folder), "last_metrics": _last_metrics(folder)}
+    if (folder / "init_run.json").is_file():
+        rec["previous"] = json.loads((folder / "init_run.json").read_text())
+    return rec
 
 
 def _state(folder: Path) -> dict:
@@ -99,12 +110,16 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
         lines.append(f"- last logged training top-1 accuracy per pass: {', '.join(accs)}")
     if (folder / "init_run.json").is_file():
         prev = json.loads((folder / "init_run.json").read_text())
-        pc, ps, pl = prev["config"], prev["state"], prev.get("last_metrics", {})
-        lines.append(f"- continued from `{prev['folder']}`, itself trained from random weights (lr {pc.get('lr')}, "
-                     f"n = {pc.get('loss', {}).get('align_steps')}): {ps.get('step')} steps, "
-                     f"{pl.get('epoch', 0):.2f} epochs, {ps.get('tokens')} loss tokens, "
-                     f"{(ps.get('elapsed_s') or 0) / 60:.1f} min"
-                     if not pc.get("init") else f"- continued from `{prev['folder']}` (itself a continued run)")
+        while prev:
+            pc, ps, pl = prev["config"], prev["state"], prev.get("last_metrics", {})
+            how = (f"itself continued from `{pc['init']}`" if pc.get("init") else "itself trained from random weights")
+            if pc.get("init") and "previous" not in prev:
+                how += " (no record kept)"
+            lines.append(f"- continued from `{prev['folder']}` ({how}): lr {pc.get('lr')}, "
+                         f"n = {pc.get('loss', {}).get('align_steps')}, {ps.get('step')} steps, "
+                         f"{pl.get('epoch', 0):.2f} epochs, {ps.get('tokens')} loss tokens, "
+                         f"{(ps.get('elapsed_s') or 0) / 60:.1f} min on `{pc.get('data')}`")
+            prev = prev.get("previous")
     if command:
         lines += ["", "Reproduce:", "", "```bash", command, "```"]
     if ev:

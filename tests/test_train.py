@@ -154,7 +154,17 @@ def test_card_of_a_continued_run_tells_both_stages(data_dir, tmp_path):
     second = train(_cfg(data_dir, tmp_path / "s2", max_steps=3, init=str(first)), device="cpu")
     card = export_draft(second, tmp_path / "ship", "tiny draft").read_text()
     assert "- steps: 3," in card
-    assert f"continued from `{first}`" in card and ": 2 steps," in card
+    assert f"continued from `{first}` (itself trained from random weights)" in card and ", 2 steps," in card
+    # a new stage continued from the shipped folder and shipped over it: the card tells all three
+    # runs (the shipped folder's own record is read before it is overwritten)
+    third = train(_cfg(data_dir, tmp_path / "s3", max_steps=4, init=str(tmp_path / "ship"), lr=1e-4), device="cpu")
+    card = export_draft(third, tmp_path / "ship", "tiny draft").read_text()
+    lines = [ln for ln in card.splitlines() if ln.startswith("- continued from")]
+    assert len(lines) == 2, card
+    assert lines[0].startswith(f"- continued from `{tmp_path / 'ship'}` (itself continued from `{first}`)")
+    assert ", 3 steps," in lines[0] and "lr 0.003" in lines[0]
+    assert lines[1].startswith(f"- continued from `{first}` (itself trained from random weights)") and ", 2 steps," in lines[1]
+    assert "- steps: 4," in card and "lr 0.0001" in card
     # a run from random weights says nothing of the kind (and a stale record is removed)
     card = export_draft(first, tmp_path / "ship", "tiny draft").read_text()
     assert "continued from" not in card and not (tmp_path / "ship" / "init_run.json").exists()
