@@ -579,11 +579,12 @@ def cmd_eval_draft(args) -> int:
     from .assets import resolve_draft
     from .evaluate import heldout_accuracy, tau_on_set
     from .tree import TreeConfig
+    from .verify import SamplingConfig
     tree = TreeConfig(60 if args.total_tokens is None else args.total_tokens,   # the paper's tree by default
                       6 if args.depth is None else args.depth, 10 if args.top_k is None else args.top_k).validate()
     counts = _per_set_counts([x for x in args.sets.split(",") if x], args.questions)
-    if any(t < 0 for t in args.temperature):
-        raise SystemExit("--temperature must be >= 0")
+    for t in args.temperature:            # the decoder's own check, before the model loads
+        SamplingConfig(temperature=t).validate()
     target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
     if args.full_vocab and draft.token_map is not None:
