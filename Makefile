@@ -55,6 +55,15 @@ benchmarks: setup
 		--methods plain,plain-stock,hass,hass-draft,lookup,eagle2,hf-generate,hf-prompt-lookup
 	$(BIN)/python -m visual.report runs/bench/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
+# docs/BENCHMARKS.md as a new user meets it: an empty HASS_CACHE (the model converted, the cost
+# curve measured on first use, no tuned profile), no tree flags, the issues' three sets
+FRESH_BENCH_METHODS ?= plain,hass,hass-draft,lookup,hf-prompt-lookup
+benchmarks-fresh: setup
+	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
+		--methods $(FRESH_BENCH_METHODS) --max-new-tokens 128 --temperature 0 1 --out runs/bench-fresh --note "fresh cache (an empty HASS_CACHE made by make benchmarks-fresh) $(BENCH_NOTE)"; \
+		status=$$?; rm -rf $$fresh; exit $$status
+	$(BIN)/python -m visual.report runs/bench-fresh/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
+
 # docs/BATCH.md, written by the batch command from the JSON it keeps (runs/batch/batch.json)
 EVAL := ../shared/data/eval
 batch-doc: setup
@@ -62,7 +71,7 @@ batch-doc: setup
 		--limit 11 --max-prompts 32 --method sequential,ems,padded --batch-size 4,8 --max-new-tokens 64 --warmup \
 		--out runs/batch --markdown docs/BATCH.md
 
-.PHONY: benchmarks batch-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
+.PHONY: benchmarks benchmarks-fresh batch-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

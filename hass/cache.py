@@ -16,11 +16,17 @@ def compact(cache: Cache, prefix_len: int, keep: torch.Tensor) -> None:
     """
     idx = keep.to(torch.long) + prefix_len
     new_len = prefix_len + keep.shape[0]
+    # a path along the first nodes (0, 1, .., k: the root alone, a chain's accepted prefix)
+    # is already in place: cut the rest off, move nothing
+    in_place = keep.tolist() == list(range(keep.shape[0]))
     for layer in cache.layers:
         if not hasattr(layer, "keys") or layer.keys is None:
             raise NotImplementedError(f"cache layer {type(layer).__name__} cannot be compacted")
         for name in ("keys", "values"):
             t = getattr(layer, name)
+            if in_place:
+                setattr(layer, name, t[..., :new_len, :])
+                continue
             kept = t.index_select(-2, idx)
             t = t[..., :new_len, :]
             t[..., prefix_len:, :] = kept

@@ -19,7 +19,7 @@ from .events import Step
 from .propose import Proposer
 from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources
 from .target import LAST, Target
-from .tree import TreeConfig, ancestor_mask, verify_mask
+from .tree import TreeConfig, ancestor_mask, is_chain, verify_mask
 from .verify import SamplingConfig, Verdict, accept_greedy, accept_sampling
 
 MAX_NEW_TOKENS_LIMIT = 32768
@@ -129,7 +129,9 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         tree = proposer.tree(pool, history, t_grow, room)
         t_draft = t_extend + t_grow + clock.lap()
         anc = ancestor_mask(tree.parents)
-        mask = verify_mask(anc, n, target.dtype)
+        # a chain (lookup-only or top-1 drafts, or the root alone) needs no tree mask: the model's
+        # own causal one is the same, and its mask-free attention path is the plain step's
+        mask = None if is_chain(tree.parents) else verify_mask(anc, n, target.dtype)
         logits, feats = target.forward(tree.tokens[None], cache, position_ids=(n + tree.depths)[None],
                                        attention_mask=mask)
         t_verify = clock.lap()

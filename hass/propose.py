@@ -25,14 +25,25 @@ class DraftGate:
     nothing), by the throughput each arm has given lately, trying the other arm every
     `explore` steps. Throughput is decayed tokens over decayed seconds per arm (a ratio of
     sums, not a mean of per-step rates: lookup's gains come in rare long bursts, which a
-    mean of step rates would under-weight). Where the draft cannot pay for itself, decoding
-    stays about as fast as lookup alone instead of paying the draft every step."""
+    mean of step rates would under-weight), decayed per step of decoding, not per sample of
+    the arm, so what a rarely tried arm did long ago weighs little against its latest try. Where the draft cannot pay for itself, decoding
+    stays about as fast as lookup alone instead of paying the draft every step.
+
+    Each look at the draft arm while it is losing costs a drafting step at its lower rate,
+    so while lookup alone leads those looks space out (`explore` steps, doubling up to
+    `max_explore`); when the ranking flips they come every `explore` steps again. Looks at
+    lookup alone keep their pace: its bursts need many samples to be seen at all."""
 
     explore: int = 8
+    max_explore: int = 64
     decay: float = 0.97
     tokens: dict = field(default_factory=dict)        # arm (True = draft) -> decayed tokens
     seconds: dict = field(default_factory=dict)       # arm -> decayed seconds
+    seen: dict = field(default_factory=dict)          # arm -> the step it was last observed at
     steps: int = 0
+    interval: int = 0                                 # steps between looks at the other arm (0: explore)
+    since: int = 0                                    # steps since the last look
+    leader: bool | None = None                        # the arm ranked best at the last choice
 
     def rate(self, arm: bool) -> float | None:
         s = self.seconds.get(arm)
@@ -46,13 +57,23 @@ class DraftGate:
         if without is None:
             return self.steps <= 3                     # a few drafting steps, then try without
         best = with_draft >= without
-        return (not best) if self.steps % self.explore == 0 else best
+        if best != self.leader or not self.interval:
+            self.interval, self.leader = self.explore, best
+        self.since += 1
+        if self.since < self.interval:
+            return best
+        self.since = 0
+        if not best:
+            self.interval = min(2 * self.interval, self.max_explore)
+        return not best
 
     def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
-        self.tokens[drafted] = self.decay * self.tokens.get(drafted, 0.0) + tokens
-        self.seconds[drafted] = self.decay * self.seconds.get(drafted, 0.0) + seconds
+        age = self.decay ** max(self.steps - self.seen.get(drafted, self.steps), 1)
+        self.seen[drafted] = self.steps
+        self.tokens[drafted] = age * self.tokens.get(drafted, 0.0) + tokens
+        self.seconds[drafted] = age * self.seconds.get(drafted, 0.0) + seconds
 
 
 @dataclass

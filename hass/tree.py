@@ -108,6 +108,13 @@ def paths(parents: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def is_chain(parents: torch.Tensor) -> bool:
+    """True when every node hangs under the one before it (a single path from the root):
+    then each node sees exactly the nodes before it, and the plain causal mask is the tree's."""
+    n = parents.shape[0]
+    return bool((parents[1:] == torch.arange(n - 1, device=parents.device)).all()) if n > 1 else True
+
+
 def verify_mask(tree_mask: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive [1, 1, N, prefix + N] mask: every node sees the whole prefix and its ancestors."""
     n = tree_mask.shape[0]

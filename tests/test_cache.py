@@ -103,6 +103,11 @@ def test_compact_keeps_prefix_and_drops_the_rest(tiny_target):
         assert torch.equal(k[..., :12, :], k0[..., :12, :])
         assert torch.equal(k[..., 12:, :], k0[..., [12, 15, 17], :])
         assert torch.equal(v[..., 12:, :], v0[..., [12, 15, 17], :])
+    with torch.inference_mode():                     # a path along the first nodes: cut, nothing moved
+        compact(cache, 12, torch.tensor([0, 1]))
+    assert cache.get_seq_length() == 14
+    for (k, v), (k0, v0) in zip(layer_kv(cache), before):
+        assert torch.equal(k[..., 12:, :], k0[..., [12, 15], :]) and torch.equal(v[..., 12:, :], v0[..., [12, 15], :])
 
 
 def test_compact_outside_inference_mode(tiny_target):

@@ -173,3 +173,31 @@ def test_draft_gate_keeps_drafting_where_the_draft_pays():
         gate.observe(arm, 3 if arm else 1, 0.1)                   # draft 30 tok/s, lookup finds nothing: 10
     late = chosen[100:]
     assert late.count(True) >= 0.85 * len(late) and late.count(False) > 0
+
+
+def test_draft_gate_spaces_out_looks_at_a_losing_draft_and_comes_back_when_it_pays():
+    """Drafting loses steadily (8 vs 10 tok/s): looks at it double from every 8 steps to every
+    64, not one every 8 steps forever; once the draft pays (30 tok/s) the next look finds it
+    and the gate drafts again. Negative control: with max_explore = explore the looks keep
+    their first pace."""
+    from hass.propose import DraftGate
+
+    def run(gate, switch=400, steps=600):
+        chosen = []
+        for i in range(steps):
+            arm = gate.choose()
+            chosen.append(arm)
+            if arm:
+                gate.observe(True, 1 if i < switch else 3, 0.125 if i < switch else 0.1)
+            else:
+                gate.observe(False, 1, 0.1)
+        return chosen
+
+    chosen = run(DraftGate(explore=8, max_explore=64))
+    looks = chosen[200:400].count(True)
+    assert 0 < looks <= 200 // 64 + 1
+    first_back = next(i for i in range(400, 600) if chosen[i])
+    assert first_back <= 400 + 64
+    assert chosen[first_back:].count(True) >= 0.85 * len(chosen[first_back:])
+    control = run(DraftGate(explore=8, max_explore=8))
+    assert control[200:400].count(True) >= 200 // 8 - 1

@@ -277,3 +277,16 @@ def test_grow_does_not_touch_the_real_draft_cache(tiny_target, peaked_draft, pro
     b = Proposer.fixed(60).tree(drafter.grow(root, len(prompt), 10, 6))
     assert torch.equal(drafter.kv[0], k) and torch.equal(drafter.kv[1], v) and torch.equal(drafter.last_out, out)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+
+
+def test_is_chain_exactly_when_the_tree_mask_is_the_causal_one():
+    """The decoder drops the tree mask for chains; that is only sound if a chain's ancestor
+    mask is the causal (lower-triangular) one, and every other tree's is not."""
+    from hass.tree import ancestor_mask, is_chain
+    cases = {(-1,): True, (-1, 0): True, (-1, 0, 1, 2): True,
+             (-1, 0, 0): False, (-1, 0, 1, 1): False, (-1, 0, 1, 0): False}
+    for parents, chain in cases.items():
+        p = torch.tensor(parents)
+        causal = torch.ones(len(parents), len(parents), dtype=torch.bool).tril()
+        assert is_chain(p) is chain
+        assert bool(torch.equal(ancestor_mask(p), causal)) is chain
