@@ -60,7 +60,7 @@ benchmarks: setup
 FRESH_BENCH_METHODS ?= plain,hass,hass-draft,lookup,hf-prompt-lookup
 benchmarks-fresh: setup
 	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
-		--methods $(FRESH_BENCH_METHODS) --max-new-tokens 128 --temperature 0 1 --out runs/bench-fresh --note "fresh cache (an empty HASS_CACHE made by make benchmarks-fresh) $(BENCH_NOTE)"; \
+		--methods $(FRESH_BENCH_METHODS) --max-new-tokens 128 --temperature 0 1 --out runs/bench-fresh --note "fresh cache (an empty HASS_CACHE made by make benchmarks-fresh)$(if $(BENCH_NOTE), $(BENCH_NOTE))"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 	$(BIN)/python -m visual.report runs/bench-fresh/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
