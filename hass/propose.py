@@ -22,12 +22,13 @@ from .tree import remap_parents
 class DraftGate:
     """Whether to run the draft head this step (fitted trees with lookup): a two-armed choice
     between drafting and lookup alone (nothing to draft = a plain step when lookup finds
-    nothing), by the throughput each arm has given lately, trying the other arm every
-    `explore` steps. Throughput is decayed tokens over decayed seconds per arm (a ratio of
-    sums, not a mean of per-step rates: lookup's gains come in rare long bursts, which a
-    mean of step rates would under-weight), decayed per step of decoding, not per sample of
-    the arm, so what a rarely tried arm did long ago weighs little against its latest try. Where the draft cannot pay for itself, decoding
-    stays about as fast as lookup alone instead of paying the draft every step.
+    nothing), by the throughput each arm has given lately, trying the other arm now and then
+    (below). Throughput is decayed tokens over decayed seconds per arm (a ratio of sums, not
+    a mean of per-step rates: lookup's gains come in rare long bursts, which a mean of step
+    rates would under-weight), decayed per step of decoding, not per sample of the arm, so
+    what a rarely tried arm did long ago weighs little against its latest try. Where the
+    draft cannot pay for itself, decoding stays about as fast as lookup alone instead of
+    paying the draft every step.
 
     Each look at the draft arm while it is losing costs a drafting step at its lower rate,
     so while lookup alone leads those looks space out (`explore` steps, doubling up to
