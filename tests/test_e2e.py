@@ -134,7 +134,10 @@ def test_studio_in_a_browser(page, drafts_dir):
     pg.locator("#hs-settings").get_by_text("Settings").first.click()
 
     # -- chat: streamed, highlighted tokens and the tree ------------------------------------
-    pg.locator("#hs-msg textarea").fill("Explain in two sentences why the sky is blue.")
+    # a prompt the shipped draft predicts well (code): on prose like "why is the sky blue" it agrees
+    # with the target too rarely to pay, the decoder then rightly stops drafting, and whether two
+    # drafted tokens get accepted becomes a matter of timing
+    pg.locator("#hs-msg textarea").fill("Write a Python function that returns the sum of a list of numbers.")
     pg.locator("#hs-send").click()
     pg.wait_for_function("document.querySelectorAll('#hs-chat-box .hs-tok').length >= 3", timeout=60_000)
     _wait_title(pg, "hs-tree", r"^Step \d+")
