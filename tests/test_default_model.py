@@ -96,3 +96,23 @@ def test_greedy_speculative_equals_plain_shipped_draft(default_target, chat_ids,
         assert toks == plain
         taus.append(summarize(steps).tau)
     assert sum(taus) / len(taus) > 1.0
+
+
+def test_greedy_speculative_equals_plain_fitted_tree_with_lookup(default_target, chat_ids, plain_greedy):
+    """The decoder as the studio and the CLI run it by default (tree size fitted per step,
+    lookup candidates on, the draft gated by throughput): its chains verify without a tree
+    mask and their accepted prefixes are cut in place, so this is where those paths meet the
+    real model."""
+    from hass.candidates import LookupConfig
+    if not SHIPPED_DRAFT.exists():
+        pytest.skip(f"no shipped draft at {SHIPPED_DRAFT} yet")
+    draft = load_draft(SHIPPED_DRAFT, default_target.config)
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, tree=TreeConfig(64, 6, 8), fitted=True, lookup=LookupConfig(),
+                           stop_at_eos=False)
+    chains = 0
+    for i, (ids, plain) in enumerate(zip(chat_ids, plain_greedy)):
+        steps = list(speculative_generate(default_target, draft, ids, cfg))
+        toks = [t for s in steps for t in s.new_tokens]
+        assert toks == plain, f"chat {i}"
+        chains += sum(1 for s in steps if s.tree and all(p == j - 1 for j, p in enumerate(s.tree.parents)))
+    assert chains > 0, "no step verified a chain: the mask-free path was not exercised"
