@@ -42,7 +42,7 @@ class DraftGate:
     seconds: dict = field(default_factory=dict)       # arm -> decayed seconds
     seen: dict = field(default_factory=dict)          # arm -> the step it was last observed at
     steps: int = 0
-    interval: int = 0                                 # steps between looks at the other arm (0: explore)
+    interval: int = 0                                 # steps between looks at the other arm (set at the first ranking)
     since: int = 0                                    # steps since the last look
     leader: bool | None = None                        # the arm ranked best at the last choice
 
@@ -58,7 +58,7 @@ class DraftGate:
         if without is None:
             return self.steps <= 3                     # a few drafting steps, then try without
         best = with_draft >= without
-        if best != self.leader or not self.interval:
+        if best != self.leader:                        # the first ranking (leader None) or a flip
             self.interval, self.leader = self.explore, best
         self.since += 1
         if self.since < self.interval:
