@@ -225,7 +225,7 @@ def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: Generatio
 def _observe(proposer: Proposer, trees, verdicts, t_verify: float, t_grow: float) -> None:
     k = max(len(verdicts), 1)
     for r, v in verdicts.items():
-        proposer.observe(trees[r], v.path, t_verify / k, t_grow / k)
+        proposer.observe(trees[r], v.path, t_verify / k, t_grow / k, bonus=v.bonus)
 
 
 def _share(steps: dict[int, Step], draft: float, verify: float, other: float) -> None:

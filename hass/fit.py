@@ -37,9 +37,17 @@ COST_PREFIX = 128
 
 class Calibrator:
     """P(node on the accepted path), per draft-score bin and per lookup-chain place, from
-    counts seen so far (a Beta prior centred on the draft's own probability, or on a
-    halving per lookup place, worth `prior` observations). Monotone by construction: a
-    lower score or a deeper lookup place never gets a higher value."""
+    counts seen so far. Monotone by construction: a lower score or a deeper lookup place
+    never gets a higher value.
+
+    Draft nodes: per score bin, a Beta prior centred on the draft's own probability, worth
+    `prior` observations. Lookup nodes: a chain either copies (and then goes on copying) or
+    not, so place j is valued as r_1 r_2 ... r_j, the product of continuation rates
+    r_j = P(place j accepted | place j - 1 accepted). A place never tried borrows the pooled
+    rate of all places past the first; per place rates would leave the places past the cut
+    at their prior for good (a cut that never verifies place 4 never learns that place 4
+    pays, which kept copy runs at three tokens a step). The bonus token also tells, for free,
+    whether the first unverified place would have been accepted (`update`)."""
 
     def __init__(self, prior: float = 4.0, max_lookup: int = 64):
         edges = torch.tensor(DRAFT_EDGES, dtype=torch.float64)
@@ -49,9 +57,8 @@ class Calibrator:
         self.d_prior = ((upper + lower) / 2).exp()
         self.d_off = torch.zeros_like(self.d_prior)
         self.d_acc = torch.zeros_like(self.d_prior)
-        self.l_prior = 0.5 ** torch.arange(1, max_lookup + 2, dtype=torch.float64)
-        self.l_off = torch.zeros_like(self.l_prior)
-        self.l_acc = torch.zeros_like(self.l_prior)
+        self.l_tried = torch.zeros(max_lookup + 1, dtype=torch.float64)    # place j reached with j - 1 accepted
+        self.l_hit = torch.zeros_like(self.l_tried)                       # ... and j accepted
         self.prior = prior
 
     def _draft_bins(self, score: torch.Tensor) -> torch.Tensor:
@@ -64,6 +71,15 @@ class Calibrator:
     def draft_values(self, score: torch.Tensor) -> torch.Tensor:
         return self._rates(self.d_acc, self.d_off, self.d_prior)[self._draft_bins(score)]
 
+    def lookup_values(self) -> torch.Tensor:
+        """v per lookup place 1, 2, ..: the cumulative product of the continuation rates
+        (each a Beta estimate centred on 1/2 for the first place and on the pooled rate of
+        the deeper places for the others)."""
+        deep = (self.l_hit[1:].sum() + self.prior * 0.5) / (self.l_tried[1:].sum() + self.prior)
+        centre = torch.cat((torch.full((1,), 0.5, dtype=torch.float64), deep.expand(self.l_tried.shape[0] - 1)))
+        rates = (self.l_hit + self.prior * centre) / (self.l_tried + self.prior)
+        return torch.cumprod(rates, 0)
+
     def values(self, pool: Pool) -> torch.Tensor:
         """v per candidate (float64, CPU), capped so a child never exceeds its parent."""
         if len(pool) == 0:
@@ -74,30 +90,48 @@ class Calibrator:
         v[d] = self.draft_values(pool.score.cpu()[d])
         lk = (origin & LOOKUP) > 0
         if lk.any():
-            places = pool.lookup_depth.cpu()[lk].clamp(1, self.l_prior.shape[0]) - 1
-            v[lk] = torch.maximum(v[lk], self._rates(self.l_acc, self.l_off, self.l_prior)[places])
+            places = pool.lookup_depth.cpu()[lk].clamp(1, self.l_tried.shape[0]) - 1
+            v[lk] = torch.maximum(v[lk], self.lookup_values()[places])
         parents, depths = pool.parents.cpu(), pool.depths.cpu()
         for depth in range(2, int(depths.max()) + 1):          # parents first: depth by depth
             rows = (depths == depth).nonzero().flatten()
             v[rows] = torch.minimum(v[rows], v[parents[rows]])
         return v
 
-    def update(self, pool: Pool, chosen: torch.Tensor, on_path: torch.Tensor) -> None:
-        """Count the verified candidates (`chosen`, pool indices) and which were accepted."""
-        if chosen.numel() == 0:
-            return
-        chosen, hit = chosen.cpu(), on_path.cpu().double()
-        origin = pool.origin.cpu()[chosen]
-        d = (origin & DRAFT) > 0
+    def update(self, pool: Pool, chosen: torch.Tensor, on_path: torch.Tensor, bonus: int | None = None) -> None:
+        """Count the verified candidates (`chosen`, pool indices) and which were accepted.
+
+        With the `bonus` token: when the path ends at a node none of whose children was
+        verified, the bonus is drawn from the target's own distribution there (its argmax
+        at T = 0), so it equals an unverified lookup child x with exactly the probability
+        that x would have been accepted: one more observation, one place past the cut."""
+        chosen, hit = chosen.cpu(), on_path.cpu().bool()
+        origin = pool.origin.cpu()
+        d = (origin[chosen] & DRAFT) > 0
         if d.any():
             bins = self._draft_bins(pool.score.cpu()[chosen][d])
-            self.d_off.index_add_(0, bins, torch.ones_like(hit[d]))
-            self.d_acc.index_add_(0, bins, hit[d])
-        lk = (origin & LOOKUP) > 0
-        if lk.any():
-            places = pool.lookup_depth.cpu()[chosen][lk].clamp(1, self.l_prior.shape[0]) - 1
-            self.l_off.index_add_(0, places, torch.ones_like(hit[lk]))
-            self.l_acc.index_add_(0, places, hit[lk])
+            self.d_off.index_add_(0, bins, torch.ones_like(hit[d], dtype=torch.float64))
+            self.d_acc.index_add_(0, bins, hit[d].double())
+        parents = pool.parents.cpu()
+        accepted = set(chosen[hit].tolist()) | {-1}
+        lk = ((origin[chosen] & LOOKUP) > 0) & torch.tensor([int(p) in accepted for p in parents[chosen]],
+                                                             dtype=torch.bool)
+        if lk.any():                               # lookup places reached: their parent was accepted
+            self._count_lookup(pool.lookup_depth.cpu()[chosen][lk], hit[lk])
+        if bonus is None or len(pool) == 0:
+            return
+        end = max(accepted, key=lambda i: -1 if i < 0 else int(pool.depths[i]))     # the path's last node
+        if bool((parents[chosen] == end).any()):
+            return                                 # the bonus came from a residual: not the plain draw
+        nxt = ((parents == end) & ((origin & LOOKUP) > 0)).nonzero().flatten()
+        if nxt.numel():
+            i = int(nxt[0])
+            self._count_lookup(pool.lookup_depth.cpu()[i:i + 1], torch.tensor([int(pool.tokens[i]) == bonus]))
+
+    def _count_lookup(self, places: torch.Tensor, hit: torch.Tensor) -> None:
+        places = places.clamp(1, self.l_tried.shape[0]) - 1
+        self.l_tried.index_add_(0, places, torch.ones_like(hit, dtype=torch.float64))
+        self.l_hit.index_add_(0, places, hit.double())
 
 
 @dataclass

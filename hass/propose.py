@@ -133,15 +133,16 @@ class Proposer:
         )
 
     def observe(self, tree: TreeTensors, path: list[int], verify_s: float, grow_s: float,
-                draft_s: float | None = None) -> None:
-        """Learn from one verdict: which nodes were accepted, what the step cost (`grow_s`:
-        the draft growth; `draft_s`: all drafting work of the step, catch-up extends included)."""
+                draft_s: float | None = None, bonus: int | None = None) -> None:
+        """Learn from one verdict: which nodes were accepted (and the `bonus` token drawn
+        after them), what the step cost (`grow_s`: the draft growth; `draft_s`: all drafting
+        work of the step, catch-up extends included)."""
         draft_s = grow_s if draft_s is None else draft_s
         pool = tree.pool
         if tree.values is not None:              # the values were used: keep calibrating them
             on_path = torch.zeros(tree.tokens.shape[0], dtype=torch.bool)
             on_path[path] = True
-            self.fitter.calibrator.update(pool, tree.pool_index.cpu()[1:], on_path[1:])
+            self.fitter.calibrator.update(pool, tree.pool_index.cpu()[1:], on_path[1:], bonus)
         draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
         levels = int(draft_depths.max()) if draft_depths.numel() else 0
         self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s, len(path))

@@ -96,6 +96,53 @@ def test_fitted_cut_maximises_expected_tokens_per_second():
     assert len(steep.select(pool, None).selected) == 0                # a node costs more than it yields
 
 
+def _chain_pool(chain: list[int]) -> Pool:
+    return merge_lookup(Pool.empty(0, torch.device("cpu")), chain)
+
+
+def _learn(fitter: Fitter, pool: Pool, copies: int, steps: int = 40) -> int:
+    """Verify what the fitter picks from a lookup chain whose first `copies` places are always
+    right, with the bonus drawn as the target would (place k + 1's token when it copies);
+    return the cut chosen at the end."""
+    for _ in range(steps):
+        sel = fitter.select(pool, None).selected
+        k = len(sel)
+        acc = torch.arange(1, k + 1) <= copies
+        right = min(k, copies)
+        bonus = int(pool.tokens[right]) if right < copies and right < len(pool) else -1
+        fitter.calibrator.update(pool, sel, acc, bonus=bonus)
+    return len(fitter.select(pool, None).selected)
+
+
+def test_lookup_values_learn_places_past_the_cut_and_stop_where_copying_stops():
+    curve = {1: 1.0, 2: 1.05, 4: 1.15, 8: 1.35, 16: 2.0}
+    pool = _chain_pool(list(range(1, 11)))                       # a 10-token chain, tokens = places
+    first = len(Fitter(CostModel(curve)).select(pool, None).selected)
+    assert first < 10                                            # the prior alone cuts it short
+    assert _learn(Fitter(CostModel(curve)), pool, copies=10) == 10   # a copy run: the whole chain pays
+    assert _learn(Fitter(CostModel(curve)), pool, copies=3) == 3     # negative control: copying ends at 3
+    cal = Calibrator()
+    _learn(Fitter(CostModel(curve), cal), pool, copies=10)
+    v = cal.lookup_values()
+    assert bool((v[1:] <= v[:-1]).all()) and float(v[9]) > 0.8
+
+
+def test_the_bonus_counts_for_the_next_lookup_place_only_when_drawn_from_the_plain_distribution():
+    chain = [4, 6, 8]
+    cal = Calibrator()
+    cal.update(_chain_pool(chain), torch.tensor([0]), torch.tensor([True]), bonus=6)   # place 1 verified, 2 not
+    assert cal.l_tried[:3].tolist() == [1, 1, 0] and cal.l_hit[:3].tolist() == [1, 1, 0]
+    cal.update(_chain_pool(chain), torch.tensor([0]), torch.tensor([True]), bonus=7)
+    assert cal.l_tried[1] == 2 and cal.l_hit[1] == 1                                   # a miss counts too
+    # draft: root -> 4 -> 5; lookup 4 -> 6. Path root, 4; the draft child 5 was verified and
+    # rejected, so the bonus came from the residual distribution: no count for place 2
+    mixed = merge_lookup(_pool([4, 5], [-1, 0], [-0.1, -0.2]), chain)
+    assert mixed.tokens.tolist()[:3] == [4, 5, 6] and mixed.lookup_depth.tolist()[:3] == [1, 0, 2]
+    cal = Calibrator()
+    cal.update(mixed, torch.tensor([0, 1]), torch.tensor([True, False]), bonus=6)
+    assert cal.l_tried[:2].tolist() == [1, 0]
+
+
 # -- greedy equality for every rule ----------------------------------------------------------------
 RULES = {
     "fixed+lookup": dict(tree=TreeConfig(12, 3, 3), lookup=LookupConfig(max_ngram=3, min_ngram=1)),
