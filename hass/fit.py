@@ -112,21 +112,20 @@ class Calibrator:
             bins = self._draft_bins(pool.score.cpu()[chosen][d])
             self.d_off.index_add_(0, bins, torch.ones_like(hit[d], dtype=torch.float64))
             self.d_acc.index_add_(0, bins, hit[d].double())
-        parents = pool.parents.cpu()
-        accepted = set(chosen[hit].tolist()) | {-1}
-        lk = ((origin[chosen] & LOOKUP) > 0) & torch.tensor([int(p) in accepted for p in parents[chosen]],
-                                                             dtype=torch.bool)
+        parents, places = pool.parents.cpu(), pool.lookup_depth.cpu()
+        accepted = torch.cat((torch.full((1,), -1, dtype=chosen.dtype), chosen[hit]))    # the root and the path
+        lk = ((origin[chosen] & LOOKUP) > 0) & torch.isin(parents[chosen], accepted)
         if lk.any():                               # lookup places reached: their parent was accepted
-            self._count_lookup(pool.lookup_depth.cpu()[chosen][lk], hit[lk])
-        if bonus is None or len(pool) == 0:
+            self._count_lookup(places[chosen][lk], hit[lk])
+        if bonus is None:
             return
-        end = max(accepted, key=lambda i: -1 if i < 0 else int(pool.depths[i]))     # the path's last node
+        end = int(accepted.max())                  # the path's last node (indices are topological)
         if bool((parents[chosen] == end).any()):
             return                                 # the bonus came from a residual: not the plain draw
         nxt = ((parents == end) & ((origin & LOOKUP) > 0)).nonzero().flatten()
         if nxt.numel():
             i = int(nxt[0])
-            self._count_lookup(pool.lookup_depth.cpu()[i:i + 1], torch.tensor([int(pool.tokens[i]) == bonus]))
+            self._count_lookup(places[i:i + 1], torch.tensor([int(pool.tokens[i]) == bonus]))
 
     def _count_lookup(self, places: torch.Tensor, hit: torch.Tensor) -> None:
         places = places.clamp(1, self.l_tried.shape[0]) - 1
