@@ -395,7 +395,7 @@ def cmd_bench(args) -> int:
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
-                          "bandwidth_bytes_per_s": bandwidth},
+                          "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m hass " + shlex.join(args.argv),
               "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
@@ -413,6 +413,14 @@ def cmd_bench(args) -> int:
         if html_report:
             print(f"report: {html_report}")
     return 0
+
+
+def _cost_curve(target) -> dict[str, float] | None:
+    """The verify cost curve the fitted trees used (seconds per N nodes), as cached: a fresh
+    cache measures it on first use, and every choice of tree size follows from it."""
+    from .fit import load_cost_curve
+    curve = load_cost_curve(target, measure=False)
+    return {str(k): v for k, v in sorted(curve.items())} or None
 
 
 def _load_avg() -> float | None:

@@ -210,6 +210,10 @@ def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path) -> str:
              + (f", {machine['note']}" if machine.get("note") else "")
              + (f" (1-min load average {machine['load_avg_before']} before, {machine['load_avg_after']} after)"
                 if machine.get("load_avg_before") is not None else ""),
+             *([f"- verify cost curve the fitted trees used (c(N) / c(1), cached or measured on first use): "
+                + ", ".join(f"N={k} {v / machine['verify_cost_curve']['1']:.2f}"
+                            for k, v in machine["verify_cost_curve"].items())]
+               if (machine.get("verify_cost_curve") or {}).get("1") else []),
              f"- model: {settings.get('model', '?')}; trees (total, depth, top-k): "
              + ", ".join(f"{k} {v}" for k, v in settings.get("trees", {}).items()),
              f"- {settings.get('limit', '?')} questions per set, {settings.get('max_new_tokens', '?')} new tokens per turn; "
