@@ -210,7 +210,7 @@ def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path) -> str:
              + (f", {machine['note']}" if machine.get("note") else "")
              + (f" (1-min load average {machine['load_avg_before']} before, {machine['load_avg_after']} after)"
                 if machine.get("load_avg_before") is not None else ""),
-             *([f"- verify cost curve the fitted trees used (c(N) / c(1), cached or measured on first use): "
+             *(["- verify cost curve the fitted trees used (c(N) / c(1), cached or measured on first use): "
                 + ", ".join(f"N={k} {v / machine['verify_cost_curve']['1']:.2f}"
                             for k, v in machine["verify_cost_curve"].items())]
                if (machine.get("verify_cost_curve") or {}).get("1") else []),
