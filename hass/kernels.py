@@ -113,7 +113,7 @@ class PackedLinear(nn.Linear):
             # replaced, or changed in place since packing (load_state_dict, an optimizer step): pack again
             self.repack()
             packed = self.packed
-        bias = self._packed_bias
+        bias = params["bias"] if "bias" in params else self._packed_bias     # a bias parameter as it is now
         if x.dim() == 2:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         shape = x.shape

@@ -137,13 +137,15 @@ def test_packed_linear_repacks_after_an_in_place_weight_change():
 
 @needs_onednn
 def test_packed_linear_follows_a_replaced_weight_and_a_new_dtype():
-    """The fast path reads what was packed, not the module's parameters: a weight replaced by
-    another tensor (re-tied embeddings) is packed again, and a layer converted to another
-    dtype multiplies its own weight, never the stale packed copy; 3-D inputs keep their shape."""
+    """The fast path keeps what it packed beside the module's parameters: a weight replaced by
+    another tensor (re-tied embeddings) is packed again, a replaced bias is the one added, and
+    a layer converted to another dtype multiplies its own weight, never the stale packed copy;
+    3-D inputs keep their shape."""
     torch.manual_seed(0)
     packed = K.PackedLinear.wrap(nn.Linear(16, 8).requires_grad_(False))
     x = torch.randn(2, 3, 16)
     packed.weight = nn.Parameter(torch.randn(8, 16), requires_grad=False)
+    packed.bias = nn.Parameter(torch.randn(8), requires_grad=False)
     with torch.inference_mode():
         got = packed(x)
     assert got.shape == (2, 3, 8)
