@@ -395,7 +395,7 @@ def cmd_bench(args) -> int:
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
-                          "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target)},
+                          "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target, trees)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m hass " + shlex.join(args.argv),
               "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
@@ -415,10 +415,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _cost_curve(target) -> dict[str, float] | None:
+def _cost_curve(target, trees: dict) -> dict[str, float] | None:
     """The verify cost curve the fitted trees used (seconds per N nodes), as cached: a fresh
-    cache measures it on first use, and every choice of tree size follows from it."""
+    cache measures it on first use, and every choice of tree size follows from it. None when
+    no method fitted its trees."""
     from .fit import load_cost_curve
+    if not any(t.get("rule") == "fitted" for t in trees.values()):
+        return None
     curve = load_cost_curve(target, measure=False)
     return {str(k): v for k, v in sorted(curve.items())} or None
 

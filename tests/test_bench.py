@@ -42,7 +42,7 @@ def test_bench_end_to_end(tiny_folder, prompts_file, tmp_path, capsys):
     assert order == [(q, t, m) for q, t in (("0", 0), ("0", 1), ("1", 0))
                      for m in ("plain", "plain-stock", "hf-generate", "mine")]
     assert full["machine"]["kernels"] == target.kernels and full["machine"]["dtype"] == "float32"
-    assert "verify_cost_curve" in full["machine"]        # the curve fitted trees used (None: none cached or measured)
+    assert full["machine"]["verify_cost_curve"] is None     # fixed trees here: no cost curve chose their size
     assert all(r["new_tokens"] <= 6 for r in records)
     page = (out / "report.html").read_text()                 # the Plotly report, drawn from bench.json
     assert page.count("Plotly.newPlot") == 4 and "mine" in page and "hf-generate" in page
