@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", choices=("train", "held-out"), default="train")
     pr.add_argument("--max-len", type=int, default=1024)
     pr.add_argument("--limit", type=int, default=None, help="at most N dialogues of the split")
+    pr.add_argument("--skip", type=int, default=0, help="leave out the split's first N dialogues (those an "
+                    "earlier stage was prepared from), so a continuation sees only new dialogues")
     pr.add_argument("--topk", type=int, default=0, help="also store the target's top-K next-token probabilities")
     pr.add_argument("--same-as", type=Path, default=None,
                     help="a distilled JSONL: take the split's dialogues with its ids, cut to as many user turns "
@@ -498,13 +500,15 @@ def cmd_cost(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data import load_dialogues, prepare, same_prompts, split
+    if args.skip < 0:
+        raise SystemExit(f"--skip must be >= 0, got {args.skip}")
     target = _load_target(args)
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held
     if args.same_as is not None:
         dialogues = same_prompts(dialogues, load_dialogues(args.same_as))
     summary = prepare(target, dialogues, args.out, max_len=args.max_len, limit=args.limit, store_topk=args.topk,
-                      target_spec=args.model)
+                      target_spec=args.model, skip=args.skip)
     print(json.dumps(summary.__dict__ if hasattr(summary, "__dict__") else summary, default=str))
     return 0
 

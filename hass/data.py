@@ -420,13 +420,14 @@ class _ShardBuffer:
 
 def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len: int = DEFAULT_MAX_LEN,
             limit: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, store_topk: int = 0,
-            progress: bool = True, target_spec: str | None = None) -> PrepareSummary:
+            progress: bool = True, target_spec: str | None = None, skip: int = 0) -> PrepareSummary:
     """Run the frozen target once per dialogue and store ids, features and masks in shards.
 
     Resumable: each shard is written to a temp file and renamed, then `meta.json` is
     rewritten the same way; a restarted run skips every dialogue of a completed shard (and
     those found unusable while filling it), so only the shard in progress is redone.
-    `limit` takes the first `limit` dialogues of the list; `store_topk=K` also stores the
+    `limit` takes the first `limit` dialogues of the list after the first `skip` (a continuation
+    stage leaves out the dialogues an earlier stage was prepared from); `store_topk=K` also stores the
     target's top-K next-token probabilities (see the module docstring), so training need
     not recompute a full-vocabulary softmax for the HASS top-K loss.
     Settings must match an existing `meta.json` in `out_dir` (else ValueError).
@@ -435,6 +436,8 @@ def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len:
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     if store_topk < 0 or store_topk > target.vocab_size:
         raise ValueError(f"store_topk must be in [0, vocab size {target.vocab_size}], got {store_topk}")
     out = Path(out_dir)
@@ -443,7 +446,8 @@ def prepare(target, dialogues: Sequence[Dialogue], out_dir: str | Path, max_len:
         stale.unlink()
     meta = _open_meta(out, target, max_len, store_topk, target_spec)
     done = {i for s in meta["shards"] for i in s["dialogue_ids"] + s.get("skipped_ids", [])}
-    todo = [d for d in (dialogues[:limit] if limit is not None else dialogues) if d.id not in done]
+    chosen = dialogues[skip:skip + limit] if limit is not None else dialogues[skip:]
+    todo = [d for d in chosen if d.id not in done]
     if len({d.id for d in todo}) != len(todo):
         raise ValueError("dialogue ids must be unique (load_dialogues makes them so)")
     summary = PrepareSummary()

@@ -276,6 +276,15 @@ def test_prepare_resumes_after_kill(tiny, tmp_path, monkeypatch):
         prepare(tiny, DIALOGUES, tmp_path, max_len=32, progress=False)
 
 
+def test_prepare_skip_leaves_out_the_first_dialogues(tiny, tmp_path):
+    s = prepare(tiny, DIALOGUES, tmp_path, max_len=64, skip=2, limit=2, progress=False)
+    assert s.dialogues == 2
+    assert sorted(FeatureDataset(tmp_path)[k]["id"] for k in range(2)) == ["c", "d"]
+    assert prepare(tiny, DIALOGUES, tmp_path, max_len=64, skip=2, progress=False).dialogues == 1  # "e" alone
+    with pytest.raises(ValueError, match="skip"):
+        prepare(tiny, DIALOGUES, tmp_path / "x", max_len=64, skip=-1, progress=False)
+
+
 def test_dataset_subset_and_collate(tiny, tmp_path):
     prepare(tiny, DIALOGUES, tmp_path, max_len=64, shard_tokens=50, progress=False)
     ds = FeatureDataset(tmp_path, ids={"a", "c", "e"}, cache_shards=1)
