@@ -132,7 +132,7 @@ DISTILL_DIR ?= assets/distill
 DISTILL_LIMIT ?= 4000
 DISTILL_FLAGS ?=
 
-.PHONY: prepare-3-ctl draft-hass-3-ctl distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-full-vocab eval-drafts-3 ship-drafts-3
+.PHONY: prepare-3-ctl draft-hass-3-ctl distill distill-measure drafts-3 draft-hass-3 draft-eagle2-3 eval-shipped eval-full-vocab
 distill: setup
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/heldout.jsonl --split held-out --limit 32 $(DISTILL_FLAGS)
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
@@ -190,16 +190,51 @@ eval-full-vocab: setup
 	$(BIN)/python -m hass eval-draft --draft $(DRAFTS)/smollm2-135m-hass --full-vocab $(TAU_FLAGS) \
 		--out $(RUNS)/shipped-hass-full-vocab.json
 
-eval-drafts-3: setup
+SHIP ?= hass eagle2
+
+# Stage 4: both shipped (stage-3) drafts continued on ShareGPT dialogues no stage has seen
+# (the split's dialogues after the first 2000 that stages 1-2 were prepared from), same
+# settings and steps for both; evaluated like stage 3 (`make eval-drafts-4`), shipped only if
+# better (`make ship-drafts-4`). PREP4_LIMIT is the number of dialogues the shipped run used.
+PREP4_SKIP ?= 2000
+PREP4_LIMIT ?= 3281
+STAGE4_FLAGS ?= --lr 3e-4 --warmup 0.02 --batch-size 4 --threads 2 --epochs 1
+STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
+
+.PHONY: prepare-4 drafts-4 draft-hass-4 draft-eagle2-4
+prepare-4: setup
+	$(BIN)/python -m hass prepare --out $(STAGE4_DATA) --skip $(PREP4_SKIP) --limit $(PREP4_LIMIT) --max-len $(MAX_LEN)
+	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
+
+draft-hass-4: setup
+	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-hass-4 \
+		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 $(STAGE4_FLAGS) --snapshots $(RESUME)
+
+draft-eagle2-4: setup
+	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-eagle2-4 \
+		--init $(DRAFTS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE4_FLAGS) $(RESUME)
+
+# one after the other, two threads each (the machine's two cores; faster in all than one each in parallel)
+drafts-4: prepare-4
+	$(MAKE) draft-hass-4
+	$(MAKE) draft-eagle2-4
+	$(MAKE) eval-drafts-4
+
+# Both drafts of a continuation stage N (3, 4), evaluated the same way (held-out accuracy on
+# the distilled held-out dialogues), and shipped with a card (`make ship-drafts-N SHIP=hass`);
+# pattern rules, so not .PHONY (make skips pattern rules for phony targets).
+STAGE3_DATA = $(DATA)/distill-train-$(MAX_LEN)
+STAGE3_COMMAND = make prepare-3 && make drafts-3
+STAGE4_COMMAND = make drafts-4
+eval-drafts-%: setup
 	for d in hass eagle2; do \
-		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-3 --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-			$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$$d-3/eval.json; \
+		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-$* --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
+			$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$$d-$*/eval.json; \
 	done
 
-SHIP ?= hass eagle2
-ship-drafts-3: setup
+ship-drafts-%: setup
 	for d in $(SHIP); do \
-		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d-3 --out $(DRAFTS)/smollm2-135m-$$d \
-			--data $(DATA)/distill-train-$(MAX_LEN) --title "SmolLM2-135M-Instruct $$d draft" \
-			--command "make prepare-3 && make drafts-3 && make ship-drafts-3 SHIP=$$d"; \
+		$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-$$d-$* --out $(DRAFTS)/smollm2-135m-$$d \
+			--data $(STAGE$*_DATA) --title "SmolLM2-135M-Instruct $$d draft" \
+			--command "$(STAGE$*_COMMAND) && make ship-drafts-$* SHIP=$$d"; \
 	done
