@@ -201,7 +201,7 @@ PREP4_LIMIT ?= 3281
 STAGE4_FLAGS ?= --lr 3e-4 --warmup 0.02 --batch-size 4 --threads 2 --epochs 1
 STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
 
-.PHONY: prepare-4 drafts-4 draft-hass-4 draft-eagle2-4
+.PHONY: prepare-4 drafts-4 draft-hass-4 draft-eagle2-4 draft-hass-4-decay
 prepare-4: setup
 	$(BIN)/python -m hass prepare --out $(STAGE4_DATA) --skip $(PREP4_SKIP) --limit $(PREP4_LIMIT) --max-len $(MAX_LEN)
 	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
@@ -213,6 +213,12 @@ draft-hass-4: setup
 draft-eagle2-4: setup
 	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-eagle2-4 \
 		--init $(DRAFTS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE4_FLAGS) $(RESUME)
+
+# the pass-decay probe: stage 4's HASS run with alignment pass j weighted 0.5 ** (j - 1)
+# (--init is the shipped folder: run it with DRAFTS=<the stage-3 drafts>, as the probe was)
+draft-hass-4-decay: setup
+	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-hass-4-decay \
+		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 --pass-decay 0.5 $(STAGE4_FLAGS) $(RESUME)
 
 # one after the other, two threads each (the machine's two cores; faster in all than one each in parallel)
 drafts-4: prepare-4

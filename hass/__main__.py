@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--pass-decay", type=float, default=1.0,
+                   help="alignment pass j's loss weighs PASS_DECAY ** (j - 1): below 1 the first pass (what depth 1 "
+                   "of the tree sees) gets a larger share of the gradient; 1 = HASS's plain sum")
     t.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft to the N most frequent tokens")
     t.add_argument("--init", default=None, help="start from this draft folder")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -566,7 +569,8 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         data=str(args.data), out=str(args.out),
-        loss=LossConfig(args.align_steps, args.topk, args.topk_weight, args.reg_weight, args.cls_weight),
+        loss=LossConfig(args.align_steps, args.topk, args.topk_weight, args.reg_weight, args.cls_weight,
+                        args.pass_decay),
         lr=args.lr, warmup_frac=args.warmup, noise=args.noise, grad_clip_value=args.grad_clip,
         batch_size=args.batch_size, epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
         seed=args.seed, resume=args.resume, init=args.init, checkpoint_minutes=args.checkpoint_minutes,

@@ -96,7 +96,8 @@ def write_card(folder: str | Path, title: str, data_meta: dict | None = None, co
               data_line,
               f"- objective: n = {loss.get('align_steps')} alignment passes, top-K distillation K = "
               f"{loss.get('topk')} with weight w = {loss.get('topk_weight')}, regression {loss.get('reg_weight')}, "
-              f"classification {loss.get('cls_weight')}",
+              f"classification {loss.get('cls_weight')}"
+              + (f", pass j weighted {loss['pass_decay']} ** (j - 1)" if loss.get("pass_decay", 1.0) != 1.0 else ""),
               f"- draft vocabulary: {vocab} tokens" + (" (most frequent trained-on tokens; token map)"
                                                       if draft_cfg.get("hass", {}).get("draft_vocab_size") else ""),
               f"- optimiser: AdamW lr {cfg.get('lr')}, betas {cfg.get('betas')}, warm-up {cfg.get('warmup_frac')}, "

@@ -21,6 +21,7 @@ class LossConfig:
     topk_weight: float = 1.0    # w (0 = EAGLE loss)
     reg_weight: float = 1.0
     cls_weight: float = 0.1
+    pass_decay: float = 1.0     # pass j's loss weighs pass_decay ** (j - 1) (1 = HASS's plain sum)
 
     def validate(self) -> "LossConfig":
         if not 1 <= self.align_steps <= 8:
@@ -30,6 +31,8 @@ class LossConfig:
         for name in ("topk_weight", "reg_weight", "cls_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0 <= self.pass_decay <= 1:
+            raise ValueError(f"pass_decay must be in [0, 1], got {self.pass_decay}")
         return self
 
 

@@ -120,7 +120,7 @@ def train_step(model: AlignedDraft, embed: torch.nn.Module, head: OutputHead, ba
     for j in range(cfg.loss.align_steps):
         pred = model(emb, levels, pos, pair_valid)
         pl = pass_loss(pred, target, target_logp, mask, head.logits, cfg.loss)
-        backward(pl.total)
+        backward(pl.total * cfg.loss.pass_decay ** j)      # the metrics below stay unweighted
         metrics[f"loss_{j + 1}"] = float(pl.total.detach())
         metrics[f"reg_{j + 1}"] = float(pl.reg.detach())
         metrics[f"cls_{j + 1}"] = float(pl.cls.detach())

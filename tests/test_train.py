@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 import hass.draft as draft_mod
@@ -55,6 +56,24 @@ def test_training_reduces_loss_and_writes_a_loadable_draft(data_dir, tiny_folder
     d = load_draft(out, target.config)
     assert d.token_map is not None and d.token_map.numel() <= 512
     assert (out / "metrics.jsonl").read_text().count("\n") == 200
+
+
+def test_pass_decay_zero_trains_exactly_the_first_pass(data_dir, tmp_path):
+    """n = 3 with the later passes weighted 0 takes the same steps as n = 1; weighted 1 it does not."""
+    losses = {"n1": LossConfig(align_steps=1), "n3-decay0": LossConfig(align_steps=3, pass_decay=0.0),
+              "n3": LossConfig(align_steps=3)}
+    runs = {name: train(_cfg(data_dir, tmp_path / name, max_steps=3, loss=loss, noise=0.2), device="cpu")
+            for name, loss in losses.items()}
+    sd = {k: load_file(str(v / "model.safetensors")) for k, v in runs.items()}
+    assert sd["n1"].keys() == sd["n3-decay0"].keys()
+    for key in sd["n1"]:
+        torch.testing.assert_close(sd["n3-decay0"][key], sd["n1"][key], rtol=0, atol=0)
+    assert any(not torch.equal(sd["n3"][k], sd["n1"][k]) for k in sd["n1"])
+    with pytest.raises(ValueError, match="pass_decay"):
+        LossConfig(pass_decay=1.5).validate()
+    from hass.card import export_draft                   # the card tells a weighted run, and only that one
+    assert "pass j weighted 0.0 ** (j - 1)" in export_draft(runs["n3-decay0"], tmp_path / "c0", "t").read_text()
+    assert "pass j weighted" not in export_draft(runs["n3"], tmp_path / "c1", "t").read_text()
 
 
 def test_checkpoint_round_trip_gives_same_outputs(tiny_folder, tmp_path):
