@@ -138,8 +138,11 @@ distill: setup
 	$(BIN)/python -m hass distill --out $(DISTILL_DIR)/train.jsonl --limit $(DISTILL_LIMIT) $(DISTILL_FLAGS)
 	$(MAKE) prepare-3
 
-prepare-3: setup
+# the distilled held-out dialogues every continuation stage is evaluated on
+prepare-distill-heldout: setup
 	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
+
+prepare-3: prepare-distill-heldout
 	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/train.jsonl --out $(DATA)/distill-train-$(MAX_LEN) --max-len $(MAX_LEN)
 
 # tokens/s of batched generation per batch size on this machine (docs/TRAINING.md's table)
@@ -201,10 +204,9 @@ PREP4_LIMIT ?= 3281
 STAGE4_FLAGS ?= --lr 3e-4 --warmup 0.02 --batch-size 4 --threads 2 --epochs 1
 STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
 
-.PHONY: prepare-4 drafts-4 draft-hass-4 draft-eagle2-4 draft-hass-4-decay
-prepare-4: setup
+.PHONY: prepare-distill-heldout prepare-4 drafts-4 draft-hass-4 draft-eagle2-4 draft-hass-4-decay
+prepare-4: prepare-distill-heldout
 	$(BIN)/python -m hass prepare --out $(STAGE4_DATA) --skip $(PREP4_SKIP) --limit $(PREP4_LIMIT) --max-len $(MAX_LEN)
-	$(BIN)/python -m hass prepare --data $(DISTILL_DIR)/heldout.jsonl --split held-out --out $(DATA)/distill-heldout-$(MAX_LEN) --max-len $(MAX_LEN)
 
 draft-hass-4: setup
 	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-hass-4 \

@@ -503,8 +503,6 @@ def cmd_cost(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data import load_dialogues, prepare, same_prompts, split
-    if args.skip < 0:
-        raise SystemExit(f"--skip must be >= 0, got {args.skip}")
     target = _load_target(args)
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held
