@@ -195,45 +195,54 @@ eval-full-vocab: setup
 
 SHIP ?= hass eagle2
 
-# Stage 4: both shipped (stage-3) drafts continued on ShareGPT dialogues no stage has seen
-# (the split's dialogues after the first 2000 that stages 1-2 were prepared from), same
-# settings and steps for both; evaluated like stage 3 (`make eval-drafts-4`), shipped only if
-# better (`make ship-drafts-4`). PREP4_LIMIT is the number of dialogues the shipped run used.
+# Stages 4 and 5: the shipped drafts continued on ShareGPT dialogues no stage has seen, same
+# settings and steps for both drafts; stage N takes the split's dialogues
+# [PREPN_SKIP, PREPN_SKIP + PREPN_LIMIT) (stage 4 after the first 2000 that stages 1-2 were
+# prepared from, stage 5 after stage 4's), continues the drafts in $(DRAFTS) (the shipped ones:
+# stage 4 started from stage 3's, stage 5 from stage 4's), is evaluated like stage 3
+# (`make eval-drafts-N`) and shipped only if better (`make ship-drafts-N`). PREPN_LIMIT is the
+# number of dialogues the shipped run used (a prepare stopped early keeps its finished shards).
 PREP4_SKIP ?= 2000
 PREP4_LIMIT ?= 3281
+PREP5_SKIP ?= 5281
+PREP5_LIMIT ?= 4000
 STAGE4_FLAGS ?= --lr 3e-4 --warmup 0.02 --batch-size 4 --threads 2 --epochs 1
+STAGE5_FLAGS ?= $(STAGE4_FLAGS)
 STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
+STAGE5_DATA = $(DATA)/sharegpt-5-$(MAX_LEN)
 
-.PHONY: prepare-distill-heldout prepare-4 drafts-4 draft-hass-4 draft-eagle2-4 draft-hass-4-decay
-prepare-4: prepare-distill-heldout
-	$(BIN)/python -m hass prepare --out $(STAGE4_DATA) --skip $(PREP4_SKIP) --limit $(PREP4_LIMIT) --max-len $(MAX_LEN)
+# pattern rules for stages 4 and 5 (explicit rules of stages 2 and 3 take precedence)
+prepare-%: prepare-distill-heldout
+	$(BIN)/python -m hass prepare --out $(STAGE$*_DATA) --skip $(PREP$*_SKIP) --limit $(PREP$*_LIMIT) --max-len $(MAX_LEN)
 
-draft-hass-4: setup
-	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-hass-4 \
-		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 $(STAGE4_FLAGS) --snapshots $(RESUME)
+draft-hass-%: setup
+	$(BIN)/python -m hass train --data $(STAGE$*_DATA) --out $(RUNS)/smollm2-135m-hass-$* \
+		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 $(STAGE$*_FLAGS) --snapshots $(RESUME)
 
-draft-eagle2-4: setup
-	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-eagle2-4 \
-		--init $(DRAFTS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE4_FLAGS) $(RESUME)
+draft-eagle2-%: setup
+	$(BIN)/python -m hass train --data $(STAGE$*_DATA) --out $(RUNS)/smollm2-135m-eagle2-$* \
+		--init $(DRAFTS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE$*_FLAGS) $(RESUME)
+
+# one after the other, two threads each (the machine's two cores; faster in all than one each in parallel)
+drafts-%: prepare-%
+	$(MAKE) draft-hass-$*
+	$(MAKE) draft-eagle2-$*
+	$(MAKE) eval-drafts-$*
 
 # the pass-decay probe: stage 4's HASS run with alignment pass j weighted 0.5 ** (j - 1)
 # (--init is the shipped folder: run it with DRAFTS=<the stage-3 drafts>, as the probe was)
+.PHONY: prepare-distill-heldout draft-hass-4-decay
 draft-hass-4-decay: setup
 	$(BIN)/python -m hass train --data $(STAGE4_DATA) --out $(RUNS)/smollm2-135m-hass-4-decay \
 		--init $(DRAFTS)/smollm2-135m-hass --align-steps 3 --topk-weight 1.0 --pass-decay 0.5 $(STAGE4_FLAGS) $(RESUME)
 
-# one after the other, two threads each (the machine's two cores; faster in all than one each in parallel)
-drafts-4: prepare-4
-	$(MAKE) draft-hass-4
-	$(MAKE) draft-eagle2-4
-	$(MAKE) eval-drafts-4
-
-# Both drafts of a continuation stage N (3, 4), evaluated the same way (held-out accuracy on
+# Both drafts of a continuation stage N (3, 4, 5), evaluated the same way (held-out accuracy on
 # the distilled held-out dialogues), and shipped with a card (`make ship-drafts-N SHIP=hass`);
 # pattern rules, so not .PHONY (make skips pattern rules for phony targets).
 STAGE3_DATA = $(DATA)/distill-train-$(MAX_LEN)
 STAGE3_COMMAND = make prepare-3 && make drafts-3
 STAGE4_COMMAND = make drafts-4
+STAGE5_COMMAND = make drafts-5
 eval-drafts-%: setup
 	for d in hass eagle2; do \
 		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-$* --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
