@@ -211,7 +211,9 @@ STAGE5_FLAGS ?= $(STAGE4_FLAGS)
 STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
 STAGE5_DATA = $(DATA)/sharegpt-5-$(MAX_LEN)
 
-# pattern rules for stages 4 and 5 (explicit rules of stages 2 and 3 take precedence)
+# pattern rules for stages 4 and 5 (explicit rules of stages 2 and 3 take precedence);
+# .SECONDARY keeps make from treating prepare-N as an intermediate file to delete
+.SECONDARY: prepare-4 prepare-5
 prepare-%: prepare-distill-heldout
 	$(BIN)/python -m hass prepare --out $(STAGE$*_DATA) --skip $(PREP$*_SKIP) --limit $(PREP$*_LIMIT) --max-len $(MAX_LEN)
 
