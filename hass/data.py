@@ -543,13 +543,16 @@ def _flush(out: Path, meta: dict, buf: _ShardBuffer) -> int:
 def _target_settings(target, max_len: int, store_topk: int) -> dict:
     tok = getattr(target, "tokenizer", None)
     template = getattr(tok, "chat_template", None) or ""
+    dtype = getattr(target, "dtype", None)
     pad = getattr(tok, "pad_token_id", None)
     if pad is None:
         pad = min(target.eos_ids) if target.eos_ids else 0
     return {"target": target.name, "hidden_size": int(target.hidden_size), "vocab_size": int(target.vocab_size),
             "max_len": int(max_len), "store_topk": int(store_topk), "pad_id": int(pad),
             "eos_ids": sorted(int(i) for i in target.eos_ids),
-            "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()}
+            "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest(),
+            # the precision the features were computed in; absent = fp32 (folders written before it was kept)
+            **({} if dtype in (None, torch.float32) else {"target_dtype": str(dtype).removeprefix("torch.")})}
 
 
 def _open_meta(out: Path, target, max_len: int, store_topk: int, target_spec: str | None) -> dict:

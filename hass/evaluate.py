@@ -66,6 +66,35 @@ class TauResult:
     vocab_coverage: float = 1.0   # share of the target's greedy tokens inside the draft's vocabulary
 
 
+@torch.inference_mode()
+def feature_agreement(target: Target, a_dir: str, b_dir: str, max_dialogues: int = 64) -> dict:
+    """How far two `prepare` folders of the same dialogues differ (e.g. the target in fp32 and
+    in bf16): the share of answer tokens where the target's argmax over the two folders'
+    features agrees, and the mean relative L2 distance of the features themselves (answer
+    positions). Training labels and draft inputs both come from these features, so this
+    says how much a draft trained on one folder can see of the difference."""
+    from .data import FeatureDataset
+    a, b = FeatureDataset(a_dir), FeatureDataset(b_dir)
+    n = min(len(a), len(b), max_dialogues)
+    if n == 0:
+        raise ValueError("both folders must hold prepared dialogues")
+    agree = total = 0
+    err = 0.0
+    for i in range(n):
+        x, y = a[i], b[i]
+        if x["id"] != y["id"] or not torch.equal(x["input_ids"], y["input_ids"]):
+            raise ValueError(f"dialogue {i} differs between the folders ({x['id']} vs {y['id']}): "
+                             "prepare both from the same dialogues and settings")
+        m = x["loss_mask"].bool()
+        fa = x["features"][m].to(target.device, target.dtype)
+        fb = y["features"][m].to(target.device, target.dtype)
+        agree += int((target.lm_head(fa).argmax(-1) == target.lm_head(fb).argmax(-1)).sum())
+        total += int(m.sum())
+        err += float(((fa - fb).float().norm(dim=-1) / fa.float().norm(dim=-1).clamp(min=1e-6)).sum())
+    return {"dialogues": n, "tokens": total, "argmax_agreement": agree / max(total, 1),
+            "feature_relative_error": err / max(total, 1)}
+
+
 def vocab_coverage(draft: DraftHead, tokens: list[int]) -> float:
     """Share of `tokens` the draft can propose at all: with a reduced vocabulary (token map)
     every other token is a guaranteed miss, whatever the draft learns."""

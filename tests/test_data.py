@@ -276,6 +276,32 @@ def test_prepare_resumes_after_kill(tiny, tmp_path, monkeypatch):
         prepare(tiny, DIALOGUES, tmp_path, max_len=32, progress=False)
 
 
+def test_prepare_keeps_the_features_precision_and_refuses_to_mix_it(tiny, tmp_path):
+    """`prepare --dtype bf16` writes bf16 features: the folder says so (an fp32 folder keeps
+    the format of the folders written before the key existed: no key), and a run in the
+    other precision into the same folder is refused before anything is written."""
+    prepare(tiny, DIALOGUES[:2], tmp_path / "fp32", max_len=64, progress=False)
+    assert "target_dtype" not in json.loads((tmp_path / "fp32" / "meta.json").read_text())
+    half = Target(model=copy.deepcopy(tiny.model).to(torch.bfloat16), tokenizer=tiny.tokenizer, name=tiny.name)
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(half, DIALOGUES, tmp_path / "fp32", max_len=64, progress=False)
+    assert json.loads((tmp_path / "fp32" / "meta.json").read_text())["counts"]["dialogues"] == 2
+    prepare(half, DIALOGUES[:2], tmp_path / "bf16", max_len=64, progress=False)
+    assert json.loads((tmp_path / "bf16" / "meta.json").read_text())["target_dtype"] == "bfloat16"
+    a, b = FeatureDataset(tmp_path / "fp32")[0], FeatureDataset(tmp_path / "bf16")[0]
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["features"], b["features"])                   # computed in another precision
+    assert torch.allclose(a["features"].float(), b["features"].float(), atol=0.1, rtol=0.1)
+    from hass.evaluate import feature_agreement
+    same = feature_agreement(tiny, str(tmp_path / "fp32"), str(tmp_path / "fp32"))
+    assert same["argmax_agreement"] == 1.0 and same["feature_relative_error"] == 0.0
+    drift = feature_agreement(tiny, str(tmp_path / "fp32"), str(tmp_path / "bf16"))
+    assert drift["tokens"] == same["tokens"] > 0 and 0.0 < drift["feature_relative_error"] < 0.1
+    prepare(tiny, DIALOGUES[2:4], tmp_path / "other", max_len=64, progress=False)
+    with pytest.raises(ValueError, match="differs between the folders"):
+        feature_agreement(tiny, str(tmp_path / "fp32"), str(tmp_path / "other"))
+
+
 def test_prepare_skip_leaves_out_the_first_dialogues(tiny, tmp_path):
     s = prepare(tiny, DIALOGUES, tmp_path, max_len=64, skip=2, limit=2, progress=False)
     assert s.dialogues == 2
