@@ -215,8 +215,9 @@ SHIP ?= hass eagle2
 # ship-drafts-N`). PREPN_LIMIT is the number of dialogues (kept and skipped) the run took (a
 # prepare stopped early keeps its finished shards: stage 5's was stopped after 2,196).
 # PREPN_DTYPE: the target's precision for the features (unset = fp32 on a CPU); stage 6 takes
-# bf16, 1.5-1.7x faster on CPUs with native bf16 and measured as good (`make
-# features-bf16-check`, docs/TRAINING.md); PREP6_DTYPE=fp32 on a CPU without native bf16.
+# bf16, 1.5-1.7x faster on CPUs with native bf16, features the fp32-trained drafts cannot tell
+# apart (`make features-bf16-check`, docs/TRAINING.md; stage 6 is the first training run on
+# them); PREP6_DTYPE=fp32 on a CPU without native bf16.
 PREP4_SKIP ?= 2000
 PREP4_LIMIT ?= 3281
 PREP5_SKIP ?= 5281
