@@ -529,14 +529,9 @@ def cmd_prepare(args) -> int:
 def cmd_compare_features(args) -> int:
     from .assets import resolve_draft
     from .evaluate import feature_agreement, heldout_accuracy
-    for d in (args.a, args.b):
-        if not (d / "meta.json").is_file():
-            raise SystemExit(f"error: {d} is not a folder written by `prepare` (no meta.json)")
     target = _load_target(args)
-    metas = [json.loads((d / "meta.json").read_text()) for d in (args.a, args.b)]
-    report = {"a": str(args.a), "b": str(args.b),
-              "dtypes": [m.get("target_dtype", "float32") for m in metas],
-              **feature_agreement(target, str(args.a), str(args.b)), "drafts": {}}
+    report = {"a": str(args.a), "b": str(args.b), **feature_agreement(target, str(args.a), str(args.b)),
+              "drafts": {}}
     for spec in [x for x in args.drafts.split(",") if x]:
         draft, label = resolve_draft(spec, target)
         report["drafts"][label] = {"a": heldout_accuracy(draft, target, str(args.a))["accuracy_per_pass"],

@@ -91,7 +91,8 @@ def feature_agreement(target: Target, a_dir: str, b_dir: str, max_dialogues: int
         agree += int((target.lm_head(fa).argmax(-1) == target.lm_head(fb).argmax(-1)).sum())
         total += int(m.sum())
         err += float(((fa - fb).float().norm(dim=-1) / fa.float().norm(dim=-1).clamp(min=1e-6)).sum())
-    return {"dialogues": n, "tokens": total, "argmax_agreement": agree / max(total, 1),
+    return {"dtypes": [d.meta.get("target_dtype", "float32") for d in (a, b)],   # absent = fp32 (see prepare)
+            "dialogues": n, "tokens": total, "argmax_agreement": agree / max(total, 1),
             "feature_relative_error": err / max(total, 1)}
 
 

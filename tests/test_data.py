@@ -297,6 +297,7 @@ def test_prepare_keeps_the_features_precision_and_refuses_to_mix_it(tiny, tmp_pa
     assert same["argmax_agreement"] == 1.0 and same["feature_relative_error"] == 0.0
     drift = feature_agreement(tiny, str(tmp_path / "fp32"), str(tmp_path / "bf16"))
     assert drift["tokens"] == same["tokens"] > 0 and 0.0 < drift["feature_relative_error"] < 0.1
+    assert same["dtypes"] == ["float32", "float32"] and drift["dtypes"] == ["float32", "bfloat16"]
     prepare(tiny, DIALOGUES[2:4], tmp_path / "other", max_len=64, progress=False)
     with pytest.raises(ValueError, match="differs between the folders"):
         feature_agreement(tiny, str(tmp_path / "fp32"), str(tmp_path / "other"))
