@@ -517,7 +517,9 @@ def cmd_cost(args) -> int:
 def cmd_prepare(args) -> int:
     from .data import load_dialogues, prepare, same_prompts, split
     from .device import cpu_has_fast_bf16, resolve_device, resolve_feature_dtype
-    args.dtype = resolve_feature_dtype(args.dtype, args.device)
+    meta = args.out / "meta.json"
+    kept = json.loads(meta.read_text()).get("target_dtype", "fp32") if meta.is_file() else None
+    args.dtype = resolve_feature_dtype(args.dtype, args.device, kept)
     if args.dtype in ("bf16", "bfloat16") and resolve_device(args.device).type == "cpu" and not cpu_has_fast_bf16():
         logging.getLogger("hass.prepare").warning(
             "this CPU has no native bf16 (AVX512-BF16 / AMX): its bf16 matmuls are emulated and far slower "

@@ -57,13 +57,17 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_feature_dtype(dtype: str, device: str) -> str:
+def resolve_feature_dtype(dtype: str, device: str, kept: str | None = None) -> str:
     """The target's precision for prepared features. 'bf16-if-native' takes bf16 where the
     device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX: 1.5-1.7x the
     fp32 tokens/s) and otherwise 'auto': on an AVX2-only CPU bf16 matmuls are emulated and
-    far slower than fp32, so a stage asking for bf16 everywhere would crawl there."""
+    far slower than fp32, so a stage asking for bf16 everywhere would crawl there. `kept` is
+    the precision of the folder being continued (a folder keeps one), which then wins, so a
+    stage resumed on another CPU goes on instead of being refused."""
     if dtype != "bf16-if-native":
         return dtype
+    if kept is not None:
+        return kept
     dev = resolve_device(device)
     if dev.type == "cuda":
         native = torch.cuda.is_bf16_supported()

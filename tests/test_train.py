@@ -249,3 +249,7 @@ def test_feature_dtype_bf16_only_where_native(monkeypatch):
     assert device.resolve_feature_dtype("bf16-if-native", "cpu") == "auto"
     assert device.resolve_feature_dtype("bf16", "cpu") == "bf16"      # an explicit choice stays
     assert device.resolve_feature_dtype("fp32", "cpu") == "fp32"
+    # a folder being continued keeps its precision, whatever this CPU has
+    assert device.resolve_feature_dtype("bf16-if-native", "cpu", kept="bfloat16") == "bfloat16"
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.resolve_feature_dtype("bf16-if-native", "cpu", kept="fp32") == "fp32"
