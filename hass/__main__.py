@@ -523,7 +523,7 @@ def cmd_prepare(args) -> int:
     if args.dtype in ("bf16", "bfloat16") and resolve_device(args.device).type == "cpu" and not cpu_has_fast_bf16():
         logging.getLogger("hass.prepare").warning(
             "this CPU has no native bf16 (AVX512-BF16 / AMX): its bf16 matmuls are emulated and far slower "
-            "than fp32; --dtype bf16-if-native picks fp32 here")
+            "than fp32; a fresh folder with --dtype bf16-if-native gets fp32 here")
     target = _load_target(args)
     train_set, held = split(load_dialogues(args.data))
     dialogues = train_set if args.split == "train" else held
