@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import text_of, wait_text
+from browser import text_of, wait_text, wait_title
 
 from app import chat
 from app import race as race_mod
@@ -177,11 +177,6 @@ def script(studio_app):
 
 
 
-def title_of(pg, elem: str) -> str:
-    loc = pg.locator(f"#{elem} .gtitle")
-    return (loc.first.text_content() or "") if loc.count() else ""
-
-
 def send(pg, text: str) -> None:
     pg.locator("#hs-msg textarea").fill(text)
     pg.locator("#hs-send").click()
@@ -286,8 +281,7 @@ def test_cost_panel_numbers_are_the_librarys(open_page, script):
     text = wait_text(pg, "#hs-cost-text", r"Answer 1")
     assert want.sentence in text.replace("\n", " "), (want.sentence, text)
     assert want.measured_speedup is None and "estimated" in text
-    title = title_of(pg, "hs-cost")
-    assert f"τ {want.tau:.2f} vs {want.needed_tau:.2f} needed" in title, title
+    wait_title(pg, "hs-cost", re.escape(f"τ {want.tau:.2f} vs {want.needed_tau:.2f} needed"))
     # a plain answer in the same conversation: the panel now measures against its plain step
     set_mode(pg, "plain")
     send(pg, "Again, plainly")
@@ -296,7 +290,7 @@ def test_cost_panel_numbers_are_the_librarys(open_page, script):
     assert want.measured_speedup is not None
     text = wait_text(pg, "#hs-cost-text", r"Measured against")
     assert want.sentence in text.replace("\n", " "), (want.sentence, text)
-    assert "measured" in title_of(pg, "hs-cost")
+    wait_title(pg, "hs-cost", "measured")
     set_mode(pg, "HASS")
 
 
@@ -320,7 +314,7 @@ def test_race_verdict_and_its_cost_story_in_both_directions(open_page, script, d
     from hass.events import speedup, summarize
     x, y = summarize(plain), summarize(hass)
     r = speedup(x.new_tokens, x.seconds, y.new_tokens, y.seconds)
-    speed_title = title_of(pg, "hs-race-speed")
+    speed_title = wait_title(pg, "hs-race-speed", r"faster than plain|the speed of plain")
     if direction == "faster":
         assert r > 1 and f"HASS (random): {r:.2f}× faster than plain" in status, status
         assert f"{r:.2f}× faster than plain" in speed_title and "slower" not in speed_title, speed_title
