@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pass-decay", type=float, default=1.0,
                    help="alignment pass j's loss weighs PASS_DECAY ** (j - 1): below 1 the first pass (what depth 1 "
                    "of the tree sees) gets a larger share of the gradient; 1 = HASS's plain sum")
-    t.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft to the N most frequent tokens")
+    t.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft to the N most frequent tokens "
+                   "(with --init: a new token map for the continued draft; its weights do not depend on the map)")
+    t.add_argument("--vocab-data", default=None, help="rank those tokens on the assistant turns of these "
+                   "dialogues' train split ('sharegpt' = the packaged file, or a ShareGPT JSON / JSONL; no "
+                   "target forward, seconds) instead of the prepared data's own loss tokens")
     t.add_argument("--init", default=None, help="start from this draft folder")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)
     t.add_argument("--seed", type=int, default=0)
@@ -610,7 +614,7 @@ def cmd_train(args) -> int:
         lr=args.lr, warmup_frac=args.warmup, noise=args.noise, grad_clip_value=args.grad_clip,
         batch_size=args.batch_size, epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
         seed=args.seed, resume=args.resume, init=args.init, checkpoint_minutes=args.checkpoint_minutes,
-        draft_vocab=args.draft_vocab, snapshots=args.snapshots, precision=args.precision)
+        draft_vocab=args.draft_vocab, vocab_data=args.vocab_data, snapshots=args.snapshots, precision=args.precision)
     out = train(cfg, device=args.device)
     print(f"draft written to {out}")
     return 0

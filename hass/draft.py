@@ -126,6 +126,13 @@ class DraftHead(nn.Module):
     def layer(self) -> DraftLayer:
         return self.layers[0]
 
+    def set_token_map(self, token_map: torch.Tensor) -> None:
+        """Give the draft another vocabulary. Its weights do not depend on the map (the map
+        only selects rows of the target's frozen lm_head), so a trained draft can be continued
+        with a larger or better-sampled one."""
+        self.token_map = token_map.to(device=self.fc.weight.device, dtype=torch.long)
+        self.config.hass["draft_vocab_size"] = int(token_map.numel())
+
     def fuse(self, features: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat((token_embeds, features.to(token_embeds.dtype)), dim=-1))
 

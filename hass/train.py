@@ -48,6 +48,9 @@ class TrainConfig:
     resume: bool = False
     init: str | None = None            # start from this draft folder instead of random weights
     draft_vocab: int = 0               # > 0: restrict the draft to the N most frequent target tokens
+    #                                    (with `init`: replaces the init's token map)
+    vocab_data: str | None = None      # rank the token map on these dialogues' assistant turns
+    #                                    ('sharegpt' or a file); None: the prepared data's loss tokens
     snapshots: bool = False            # also keep every checkpoint under <out>/snapshots/step-N (tau vs time)
     checkpoint_minutes: float = 5.0
     log_every: int = 10
@@ -59,6 +62,8 @@ class TrainConfig:
             raise ValueError("lr, batch_size and epochs must be positive")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError("warmup_frac must be in [0, 1)")
+        if self.vocab_data and self.draft_vocab <= 0:
+            raise ValueError("vocab_data ranks the draft's token map: give draft_vocab (the map's size) too")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return self
@@ -131,12 +136,33 @@ def train_step(model: AlignedDraft, embed: torch.nn.Module, head: OutputHead, ba
     return metrics
 
 
-def frequent_tokens(ds, n: int, vocab_size: int, always: set[int] = frozenset()) -> torch.Tensor:
-    """The n most frequent trained-on tokens (plus `always`, e.g. end-of-turn), sorted by id."""
+def dataset_token_counts(ds, vocab_size: int) -> torch.Tensor:
+    """How often each token is trained on (the loss tokens of a prepared folder)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for i in range(len(ds)):
         item = ds[i]
         counts += torch.bincount(item["input_ids"].long()[item["loss_mask"].bool()], minlength=vocab_size)
+    return counts
+
+
+def dialogue_token_counts(target, source: str, batch: int = 512) -> torch.Tensor:
+    """How often each token occurs in the assistant turns of the train split of `source`
+    ('sharegpt' = the packaged ShareGPT file, or a ShareGPT JSON / JSONL of messages): a much
+    larger sample than one stage's prepared folder, read in seconds (no target forward)."""
+    from .data import load_dialogues, split
+    dialogues, _ = split(load_dialogues(None if source == "sharegpt" else source))
+    texts = [m["content"] for d in dialogues for m in d.messages if m["role"] == "assistant"]
+    counts = torch.zeros(target.vocab_size, dtype=torch.long)
+    for i in range(0, len(texts), batch):
+        for ids in target.tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=target.vocab_size)
+    log.info("token map: counted %d assistant tokens of %d dialogues of %s", int(counts.sum()), len(dialogues), source)
+    return counts
+
+
+def frequent_tokens(counts: torch.Tensor, n: int, always: set[int] = frozenset()) -> torch.Tensor:
+    """The n most frequent tokens of `counts` (plus `always`, e.g. end-of-turn), sorted by id."""
+    counts = counts.clone()
     for t in always:
         counts[t] = counts.max() + 1
     top = counts.topk(min(n, int((counts > 0).sum()))).indices
@@ -186,11 +212,18 @@ def train(cfg: TrainConfig, on_metrics: Callable[[dict], None] | None = None,
         draft = load_draft(out, target.config, acc.device, torch.float32)
         state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
         log.info("resuming %s from step %d", out, state["step"])
-    elif cfg.init:
-        draft = load_draft(cfg.init, target.config, acc.device, torch.float32)
     else:
-        token_map = frequent_tokens(ds, cfg.draft_vocab, target.vocab_size, target.eos_ids) if cfg.draft_vocab else None
-        draft = new_draft(target.config, seed=cfg.seed, token_map=token_map, target=target.name).to(acc.device)
+        token_map = None
+        if cfg.draft_vocab:
+            counts = dialogue_token_counts(target, cfg.vocab_data) if cfg.vocab_data else \
+                dataset_token_counts(ds, target.vocab_size)
+            token_map = frequent_tokens(counts, cfg.draft_vocab, target.eos_ids)
+        if cfg.init:
+            draft = load_draft(cfg.init, target.config, acc.device, torch.float32)
+            if token_map is not None:           # continued with another vocabulary (same weights)
+                draft.set_token_map(token_map)
+        else:
+            draft = new_draft(target.config, seed=cfg.seed, token_map=token_map, target=target.name).to(acc.device)
     # which model this draft serves, by what it is (hass.identity), so any copy of it finds the draft
     draft.config.hass.update(target=target.name, target_identity=target.identity, target_weights=target.weights)
     head = OutputHead(target.lm_head, draft.token_map)

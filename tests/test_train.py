@@ -239,6 +239,29 @@ def test_eval_draft_full_vocab_lifts_the_token_map(data_dir, tiny_folder, tmp_pa
     assert any(v["vocab_coverage"] < 1.0 for v in reports[False]["sets"].values())
 
 
+def test_a_continued_draft_takes_a_new_token_map_ranked_on_other_dialogues(data_dir, tiny_folder, tmp_path):
+    """--init with --draft-vocab N: the init's weights, a map of N tokens ranked on the
+    assistant turns of --vocab-data (here words the prepared data never trains on)."""
+    first = train(_cfg(data_dir, tmp_path / "first", max_steps=2, draft_vocab=16), device="cpu")
+    target = load_target(str(tiny_folder))
+    words = "zebra quantum marmalade " * 5
+    jsonl = tmp_path / "vocab.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": f"v{i}", "messages": [{"role": "user", "content": "Say it."},
+                                                                       {"role": "assistant", "content": words}]}) + "\n"
+                             for i in range(40)))
+    want = set(target.tokenizer(words, add_special_tokens=False)["input_ids"])
+    out = train(_cfg(data_dir, tmp_path / "second", max_steps=1, lr=1e-12, init=str(first), draft_vocab=24,
+                     vocab_data=str(jsonl)), device="cpu")
+    before, after = load_draft(first, target.config), load_draft(out, target.config)
+    assert after.token_map.numel() == len(want | set(target.eos_ids)) <= 24
+    assert want <= set(after.token_map.tolist()) and set(target.eos_ids) <= set(after.token_map.tolist())
+    assert after.config.hass["draft_vocab_size"] == after.token_map.numel()
+    assert not set(after.token_map.tolist()) == set(before.token_map.tolist())
+    assert torch.allclose(after.fc.weight, before.fc.weight, atol=1e-6)      # the init's weights, one tiny step on
+    with pytest.raises(ValueError, match="draft_vocab"):
+        _cfg(data_dir, tmp_path / "x", vocab_data=str(jsonl)).validate()
+
+
 def test_feature_dtype_bf16_only_where_native(monkeypatch):
     """`prepare --dtype bf16-if-native` (stage 6's default) takes bf16 only on CPUs that compute
     it natively: on an AVX2-only CPU an emulated bf16 matmul is far slower than fp32."""
