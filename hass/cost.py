@@ -76,25 +76,31 @@ def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: 
 @torch.inference_mode()
 def verify_costs(target, prefix: int, sizes: list[int], repeats: int = 5) -> dict[int, float]:
     """Median seconds of one verify forward over N tree tokens after `prefix` cached tokens
-    (a bushy tree like EAGLE-2 makes: node i hangs under node (i-1)//3)."""
+    (a bushy tree like EAGLE-2 makes: node i hangs under node (i-1)//3). The sizes take turns
+    (round r times every size once), so a change of the machine's load mid-measurement
+    touches every size alike instead of bending the curve at the sizes it happened to hit."""
     dev = target.device
     ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), generator=torch.Generator().manual_seed(0))
     ids = ids.to(dev)
     cache = target.new_cache()
     target.forward(ids[:, :prefix], cache, logits_rows=LAST)
-    out = {}
+    runs = {}
     for n in sizes:
         parents = torch.tensor([-1] + [(i - 1) // 3 for i in range(1, n)], device=dev)
         anc = ancestor_mask(parents)
         mask = verify_mask(anc, prefix, target.dtype)
         pos = (prefix + anc.sum(-1) - 1)[None]
 
-        def run():
+        def run(n=n, pos=pos, mask=mask):
             target.forward(ids[:, prefix:prefix + n], cache, position_ids=pos, attention_mask=mask)
             cache.crop(-n)
-        run()
-        out[n] = median_time(run, repeats, dev)
-    return out
+        run()                                     # warm-up
+        runs[n] = run
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            times[n].append(median_time(runs[n], 1, dev))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def format_costs(r: dict) -> str:

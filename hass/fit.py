@@ -221,6 +221,21 @@ class Fitter:
         return Choice(sel, v, 1.0 + float(v[sel].sum()), rule)
 
 
+def monotone(curve: dict[int, float]) -> dict[int, float]:
+    """The closest curve (least squares) that never falls as N grows (pool-adjacent
+    violators): a bigger verify cannot really be cheaper, and a dip measured under a
+    changing load would make the fitter pick that size for nothing."""
+    blocks: list[list[float]] = []                 # [sum, count] of merged neighbours
+    for n in sorted(curve):
+        blocks.append([curve[n], 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    values = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+    return dict(zip(sorted(curve), values))
+
+
 # -- the cost curve on disk ----------------------------------------------------------------
 def cost_curve_path(target) -> Path:
     from .profile import device_key
@@ -230,15 +245,15 @@ def cost_curve_path(target) -> Path:
 
 
 def load_cost_curve(target, measure: bool = True) -> dict[int, float]:
-    """This machine's verify cost curve for the target: from the cache, else measured now
-    (a few seconds) and cached."""
+    """This machine's verify cost curve for the target, made monotone (`monotone`): from the
+    cache, else measured now (a few seconds) and cached (the medians as measured)."""
     path = cost_curve_path(target)
     if path.is_file():
         try:
             d = json.loads(path.read_text())
             curve = {int(k): float(v) for k, v in d["verify_s"].items()}
             if curve and all(v > 0 for v in curve.values()):
-                return curve
+                return monotone(curve)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             log.warning("ignoring unreadable cost curve %s: %s", path, exc)
     if not measure:
@@ -253,7 +268,7 @@ def load_cost_curve(target, measure: bool = True) -> dict[int, float]:
     tmp.write_text(json.dumps({"prefix": prefix, "verify_s": {str(k): v for k, v in curve.items()},
                                "relative": {str(k): v / curve[min(curve)] for k, v in curve.items()}}, indent=2))
     os.replace(tmp, path)
-    return curve
+    return monotone(curve)
 
 
 def make_fitter(target, max_nodes: int = 64) -> Fitter:
@@ -261,4 +276,4 @@ def make_fitter(target, max_nodes: int = 64) -> Fitter:
 
 
 __all__ = ["Calibrator", "Choice", "CostModel", "Fitter", "cost_curve_path", "load_cost_curve",
-           "make_fitter"]
+           "make_fitter", "monotone"]

@@ -10,7 +10,7 @@ from hass.batch import run_batch
 from hass.candidates import DRAFT, LOOKUP, LookupConfig, Pool, lookup, merge_lookup
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
 from hass.events import summarize
-from hass.fit import Calibrator, CostModel, Fitter
+from hass.fit import Calibrator, CostModel, Fitter, monotone
 from hass.tree import TreeConfig, ancestor_mask
 
 
@@ -112,6 +112,54 @@ def _learn(fitter: Fitter, pool: Pool, copies: int, steps: int = 40) -> int:
         bonus = int(pool.tokens[right]) if right < copies and right < len(pool) else -1
         fitter.calibrator.update(pool, sel, acc, bonus=bonus)
     return len(fitter.select(pool, None).selected)
+
+
+def _monotone_reference(ys: list[float]) -> list[float]:
+    """Brute force: the non-decreasing fit is constant on blocks; try every split into blocks
+    and keep the least-squares one that does not decrease."""
+    import itertools
+    best, best_err = None, float("inf")
+    n = len(ys)
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        fit, start = [], 0
+        for i in range(n):
+            if i == n - 1 or cuts[i]:
+                block = ys[start:i + 1]
+                fit += [sum(block) / len(block)] * len(block)
+                start = i + 1
+        if all(a <= b + 1e-12 for a, b in zip(fit, fit[1:])):
+            err = sum((a - b) ** 2 for a, b in zip(fit, ys))
+            if err < best_err - 1e-12:
+                best, best_err = fit, err
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_monotone_cost_curve_is_the_least_squares_non_decreasing_fit(seed):
+    g = torch.Generator().manual_seed(seed)
+    ns = sorted(set(torch.randint(1, 80, (7,), generator=g).tolist()))
+    ys = (torch.rand(len(ns), generator=g) * 0.1 + torch.linspace(0.05, 0.2, len(ns))).tolist()
+    fit = monotone(dict(zip(ns, ys)))
+    assert list(fit) == ns
+    assert list(fit.values()) == pytest.approx(_monotone_reference(ys))
+    assert monotone({1: 1.0, 4: 1.2, 8: 1.5}) == {1: 1.0, 4: 1.2, 8: 1.5}      # already monotone: unchanged
+
+
+def test_a_cached_cost_curve_with_a_dip_is_used_monotone(tmp_path, monkeypatch):
+    """A curve measured while the load changed (c(8) < c(4) < c(2), as measured here beside a
+    training job) must not make 8 nodes look cheaper than 2."""
+    import json
+    from types import SimpleNamespace
+
+    import hass.fit as fit_mod
+    path = tmp_path / "costs" / "c.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"verify_s": {"1": 0.062, "2": 0.073, "4": 0.065, "8": 0.058, "16": 0.101}}))
+    monkeypatch.setattr(fit_mod, "cost_curve_path", lambda target: path)
+    curve = fit_mod.load_cost_curve(SimpleNamespace(), measure=False)
+    values = [curve[n] for n in sorted(curve)]
+    assert values == sorted(values) and curve[16] == 0.101
+    assert curve[2] == curve[4] == curve[8] == pytest.approx((0.073 + 0.065 + 0.058) / 3)
 
 
 def test_lookup_values_learn_places_past_the_cut_and_stop_where_copying_stops():
