@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-cache browser space-check
+.PHONY: setup demo test clean-cache browser space-check race-check
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ browser:
 # SPACE_ID set, app.py started, one chat answered through gradio_client, then stopped (~4 min).
 space-check: setup
 	$(BIN)/python tools/space_check.py
+
+# The studio's race of plain vs HASS as a new user meets it: an empty HASS_CACHE, Chromium
+# clicking the Race tab, the verdicts read off the page (runs/race-check.json)
+RACE_PROMPT ?= Explain in three sentences why the sky is blue.
+race-check: setup browser
+	$(BIN)/python tools/race_check.py --prompt "$(RACE_PROMPT)" --out runs/race-check.json
 
 clean-cache:
 	rm -rf $${HASS_CACHE:-$$HOME/.cache/hass-studio}/models
