@@ -245,7 +245,7 @@ STAGE6_FLAGS ?= $(STAGE4_FLAGS) $(STAGE6_VOCAB)
 # Stage 7: the dialogues after stage 6's, bf16 features, continuing the stage-6 runs (the most
 # accurate drafts measured; not shipped) with an 8k map ranked on ShareGPT. The split holds 1,426
 # dialogues after stage 6's: stage 7 takes them all, and the ShareGPT train split is then used up.
-# Not yet trained (`prepare` ran at the end of session 13; it resumes where it stopped).
+# Prepared and trained at the end of session 13, not yet measured (every step resumes).
 PREP7_SKIP ?= 9477
 PREP7_LIMIT ?= 1426
 PREP7_DTYPE ?= bf16-if-native
