@@ -241,6 +241,9 @@ def cost_curve_path(target) -> Path:
     from .profile import device_key
     from .target import cache_root
     key = f"{device_key(target.device, target.kernels)}__{target.name}__{str(target.dtype).removeprefix('torch.')}"
+    attention = getattr(getattr(getattr(target, "model", None), "config", None), "_attn_implementation", "sdpa")
+    if attention not in (None, "sdpa"):       # a curve measured on other attention kernels is another machine
+        key += f"__{attention}"
     return cache_root() / "costs" / f"{key}.json"
 
 

@@ -1,0 +1,58 @@
+"""Grouped-query attention under a tree mask, kept inside torch's kernel on a CPU.
+
+transformers' `sdpa` attention copies every key/value head `num_key_value_groups` times
+(`repeat_kv`) whenever the forward carries a mask, because on CUDA a masked grouped-query
+SDPA falls back to the slow math kernel. A one-token decode step has no mask and skips the
+copy; a tree verification has one, so on a CPU it re-copied the whole KV cache in every
+layer, a cost plain decoding never pays (the default model has 3 KV heads for 9 query heads;
+a profiled T = 1 generation on the 2-core AMD EPYC spent 6.9 s of its 47.5 s of verification
+in `repeat_kv`). Torch's CPU kernel takes a mask and `enable_gqa` together, so `GQA_ATTENTION`
+is `sdpa` with grouped queries kept in the kernel there; everything else (no mask, no
+grouping, another device) goes to transformers' own `sdpa` unchanged. Side by side at the
+product's settings (9 prompts, one process, rotated): 1.79x against 1.74x over plain at
+T = 0 and 1.24x against 1.22x at T = 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+GQA_ATTENTION = "hass_sdpa_gqa"
+
+
+def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; returns [B, N, H, D] as `sdpa` does."""
+    if (attention_mask is None or not query.is_cpu or query.shape[1] == key.shape[1]
+            or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_forward)
+try:   # masks are built for it exactly as for sdpa (None where sdpa's causal flag suffices)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+except ImportError:      # pragma: no cover - older transformers
+    pass
+
+
+def use_gqa_attention(model: torch.nn.Module, device: torch.device) -> bool:
+    """On a CPU, switch a model that runs transformers' `sdpa` with grouped queries to
+    `GQA_ATTENTION`; return whether it was switched."""
+    cfg = getattr(model, "config", None)
+    heads, kv_heads = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    if (device.type != "cpu" or getattr(cfg, "_attn_implementation", None) != "sdpa"
+            or not heads or not kv_heads or heads == kv_heads):
+        return False
+    model.set_attn_implementation(GQA_ATTENTION)
+    return True
+
+
+__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "use_gqa_attention"]
