@@ -245,7 +245,10 @@ STAGE6_FLAGS ?= $(STAGE4_FLAGS) $(STAGE6_VOCAB)
 # Stage 7: the dialogues after stage 6's, bf16 features, continuing the stage-6 runs (the most
 # accurate drafts measured; not shipped) with an 8k map ranked on ShareGPT. The split holds 1,426
 # dialogues after stage 6's: stage 7 takes them all, and the ShareGPT train split is then used up.
-# Prepared and trained at the end of session 13, not yet measured (every step resumes).
+# Besides HASS continued from HASS (draft-hass-7), draft-hass-7e trains HASS's losses from the
+# stage-6 EAGLE-2 draft (the authors' two stages: first without HASS's objectives, then with):
+# measured the best at T = 0 and shipped with draft-eagle2-7 (`make ship-drafts-7`), the two
+# sharing their start, data and steps (docs/TRAINING.md, stage 7).
 PREP7_SKIP ?= 9477
 PREP7_LIMIT ?= 1426
 PREP7_DTYPE ?= bf16-if-native
@@ -253,6 +256,7 @@ STAGE7_FLAGS ?= $(STAGE4_FLAGS) --draft-vocab 8192 --vocab-data sharegpt
 STAGE7_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-6
 STAGE7_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-6
 STAGE7_DATA = $(DATA)/sharegpt-7-$(MAX_LEN)
+STAGE7_BENCH = --draft hass7e=$(RUNS)/smollm2-135m-hass-7e
 STAGE4_DATA = $(DATA)/sharegpt-new-$(MAX_LEN)
 STAGE5_DATA = $(DATA)/sharegpt-5-$(MAX_LEN)
 STAGE6_DATA = $(DATA)/sharegpt-6-$(MAX_LEN)
@@ -297,6 +301,42 @@ bench-drafts-6: setup
 		--draft eagle2-6=$(RUNS)/smollm2-135m-eagle2-6 --draft eagle2-6-8k=$(RUNS)/smollm2-135m-eagle2-6-8k \
 		--max-new-tokens 128 --temperature 0 1 --out runs/bench-drafts6 --note "fresh cache; stage-6 drafts beside the shipped stage-5 HASS"; \
 		status=$$?; rm -rf $$fresh; exit $$status
+
+# a continuation stage's two drafts at the product's settings (as bench-drafts-6), beside both
+# shipped drafts, plain decoding and prompt lookup: what `make ship-drafts-N` is decided on
+bench-drafts-%: setup
+	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
+		--methods plain,hass,hf-prompt-lookup --draft eagle2=$(DRAFTS)/smollm2-135m-eagle2 \
+		--draft hass$*=$(RUNS)/smollm2-135m-hass-$* --draft eagle2-$*=$(RUNS)/smollm2-135m-eagle2-$* $(STAGE$*_BENCH) \
+		--max-new-tokens 128 --temperature 0 1 --out runs/bench-drafts$* --note "fresh cache; stage-$* drafts beside the shipped ones"; \
+		status=$$?; rm -rf $$fresh; exit $$status
+
+# stage 7 = the pattern's stage plus the two-stage HASS run, evaluated; shipped as a pair
+.PHONY: drafts-7 ship-drafts-7
+drafts-7: prepare-7
+	$(MAKE) draft-hass-7
+	$(MAKE) draft-eagle2-7
+	$(MAKE) eval-drafts-7
+	$(MAKE) draft-hass-7e
+	$(MAKE) eval-hass-7e
+
+ship-drafts-7: setup
+	$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-hass-7e --out $(DRAFTS)/smollm2-135m-hass \
+		--data $(STAGE7_DATA) --title "SmolLM2-135M-Instruct hass draft" --command "make drafts-7 && make ship-drafts-7"
+	$(BIN)/python -m hass card --draft $(RUNS)/smollm2-135m-eagle2-7 --out $(DRAFTS)/smollm2-135m-eagle2 \
+		--data $(STAGE7_DATA) --title "SmolLM2-135M-Instruct eagle2 draft" --command "make drafts-7 && make ship-drafts-7"
+
+# stage 7's probe of the authors' two-stage recipe: HASS's losses (n = 3, w = 1) on stage 7's
+# data, continuing the stage-6 EAGLE-2 draft (stages 1-6 as a first stage without HASS's
+# objectives), so it and draft-eagle2-7 share their start, data and steps and differ only in the loss
+.PHONY: draft-hass-7e eval-hass-7e
+draft-hass-7e: setup
+	$(BIN)/python -m hass train --data $(STAGE7_DATA) --out $(RUNS)/smollm2-135m-hass-7e \
+		--init $(or $(STAGE7_INIT_EAGLE2),$(DRAFTS)/smollm2-135m-eagle2) --align-steps 3 --topk-weight 1.0 $(STAGE7_FLAGS) --snapshots $(RESUME)
+
+eval-hass-7e: setup
+	$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-hass-7e --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
+		$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-hass-7e/eval.json
 
 draft-eagle2-6-8k: setup
 	$(BIN)/python -m hass train --data $(STAGE6_DATA) --out $(RUNS)/smollm2-135m-eagle2-6-8k \
