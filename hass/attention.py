@@ -14,6 +14,9 @@ T = 0 and 1.24x against 1.22x at T = 1.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -55,4 +58,19 @@ def use_gqa_attention(model: torch.nn.Module, device: torch.device) -> bool:
     return True
 
 
-__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "use_gqa_attention"]
+@contextmanager
+def stock_attention(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' own `sdpa` for the block, for callers that accept only the stock names
+    (the continuous-batching engine of `generate_batch`); restored after."""
+    cfg = getattr(model, "config", None)
+    switched = getattr(cfg, "_attn_implementation", None) == GQA_ATTENTION
+    if switched:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(GQA_ATTENTION)
+
+
+__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "stock_attention", "use_gqa_attention"]

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from .attention import stock_attention
 from .data import Dialogue
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ def generate_continuous(target, prompts: Sequence[list[int]], max_new_tokens: in
                               dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)))
     if temperature:
         torch.manual_seed(seed)
-    with torch.no_grad():           # not inference_mode: the engine resets its static tensors in place
+    # not inference_mode: the engine resets its static tensors in place; and stock sdpa: the
+    # engine accepts only transformers' own attention names
+    with torch.no_grad(), stock_attention(target.model):
         res = target.model.generate_batch(inputs=[list(p) for p in prompts], generation_config=gen,
                                           continuous_batching_config=_cb_config(len(prompts), max_new_tokens),
                                           progress_bar=False, warmup=False)   # warm-up: ~24 s/call, no gain on CPU
