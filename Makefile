@@ -311,6 +311,20 @@ bench-drafts-%: setup
 		--max-new-tokens 128 --temperature 0 1 --out runs/bench-drafts$* --note "fresh cache; stage-$* drafts beside the shipped ones"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 
+# Stage 8 (started at the end of session 14, not yet measured): the ShareGPT split is used up, so
+# a second epoch over stage 6's folder (the only earlier folder still prepared here; `make
+# prepare-6` rebuilds it), continuing the shipped pair with their own losses (EAGLE-2 from
+# draft-eagle2-7, HASS from draft-hass-7e): does HASS's lead grow with more training on its losses?
+STAGE8_DATA = $(STAGE6_DATA)
+STAGE8_FLAGS ?= $(STAGE7_FLAGS)
+STAGE8_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-7e
+STAGE8_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-7
+.PHONY: drafts-8
+drafts-8: prepare-6
+	$(MAKE) draft-eagle2-8
+	$(MAKE) draft-hass-8
+	$(MAKE) eval-drafts-8
+
 # stage 7 = the pattern's stage plus the two-stage HASS run, evaluated; shipped as a pair
 .PHONY: drafts-7 ship-drafts-7
 drafts-7: prepare-7
