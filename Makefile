@@ -348,17 +348,13 @@ draft-hass-7e: setup
 	$(BIN)/python -m hass train --data $(STAGE7_DATA) --out $(RUNS)/smollm2-135m-hass-7e \
 		--init $(or $(STAGE7_INIT_EAGLE2),$(DRAFTS)/smollm2-135m-eagle2) --align-steps 3 --topk-weight 1.0 $(STAGE7_FLAGS) --snapshots $(RESUME)
 
-eval-hass-7e: setup
-	$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-hass-7e --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-		$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-hass-7e/eval.json
+eval-hass-7e: eval-run-hass-7e
 
 draft-eagle2-6-8k: setup
 	$(BIN)/python -m hass train --data $(STAGE6_DATA) --out $(RUNS)/smollm2-135m-eagle2-6-8k \
 		--init $(DRAFTS)/smollm2-135m-eagle2 --align-steps 1 --topk-weight 0.0 $(STAGE4_FLAGS) $(RESUME)
 
-eval-eagle2-6-8k: setup
-	$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-eagle2-6-8k --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-		$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-eagle2-6-8k/eval.json
+eval-eagle2-6-8k: eval-run-eagle2-6-8k
 
 # the pass-decay probe: stage 4's HASS run with alignment pass j weighted 0.5 ** (j - 1)
 # (--init is the shipped folder: run it with DRAFTS=<the stage-3 drafts>, as the probe was)
@@ -376,11 +372,13 @@ STAGE4_COMMAND = make drafts-4
 STAGE5_COMMAND = make drafts-5
 STAGE6_COMMAND = make drafts-6
 STAGE7_COMMAND = make drafts-7
+# one run folder with the issues' protocol (eval-run-hass-7e evaluates runs/drafts/smollm2-135m-hass-7e)
+eval-run-%: setup
+	$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$* --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
+		$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$*/eval.json
+
 eval-drafts-%: setup
-	for d in hass eagle2; do \
-		$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$$d-$* --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
-			$(TAU_FLAGS) --out $(RUNS)/smollm2-135m-$$d-$*/eval.json; \
-	done
+	$(MAKE) eval-run-hass-$*; $(MAKE) eval-run-eagle2-$*
 
 ship-drafts-%: setup
 	for d in $(SHIP); do \
