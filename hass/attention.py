@@ -4,13 +4,11 @@ transformers' `sdpa` attention copies every key/value head `num_key_value_groups
 (`repeat_kv`) whenever the forward carries a mask, because on CUDA a masked grouped-query
 SDPA falls back to the slow math kernel. A one-token decode step has no mask and skips the
 copy; a tree verification has one, so on a CPU it re-copied the whole KV cache in every
-layer, a cost plain decoding never pays (the default model has 3 KV heads for 9 query heads;
-a profiled T = 1 generation on the 2-core AMD EPYC spent 6.9 s of its 47.5 s of verification
-in `repeat_kv`). Torch's CPU kernel takes a mask and `enable_gqa` together, so `GQA_ATTENTION`
-is `sdpa` with grouped queries kept in the kernel there; everything else (no mask, no
-grouping, another device) goes to transformers' own `sdpa` unchanged. Side by side at the
-product's settings (9 prompts, one process, rotated): 1.79x against 1.74x over plain at
-T = 0 and 1.24x against 1.22x at T = 1.
+layer, a cost plain decoding never pays (the default model has 3 KV heads for 9 query heads).
+Torch's CPU kernel takes a mask and `enable_gqa` together, so `GQA_ATTENTION` is `sdpa` with
+grouped queries kept in the kernel there; everything else (no mask, no grouping, another
+device) goes to transformers' own `sdpa` unchanged. `python -m hass cost` measures the verify
+cost curve on whichever attention the target runs.
 """
 from __future__ import annotations
 
