@@ -12,6 +12,7 @@ cost curve on whichever attention the target runs.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,19 +57,44 @@ def use_gqa_attention(model: torch.nn.Module, device: torch.device) -> bool:
     return True
 
 
+_SWITCH_LOCK = threading.Lock()
+_SWITCH_ATTR = "_hass_attention_switch"     # on the model: (implementation, active blocks, one to restore)
+
+
 @contextmanager
-def stock_attention(model: torch.nn.Module) -> Iterator[None]:
-    """transformers' own `sdpa` for the block, for callers that accept only the stock names
-    (the continuous-batching engine of `generate_batch`); restored after."""
-    cfg = getattr(model, "config", None)
-    switched = getattr(cfg, "_attn_implementation", None) == GQA_ATTENTION
-    if switched:
-        model.set_attn_implementation("sdpa")
+def switched_attention(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """`model` runs `implementation` for the block, restored after. Reference-counted on the
+    model, so overlapping blocks that ask for the same implementation (two threads' packed
+    batches) share one switch; asking for another one while a switch is held is an error,
+    not a silent change of what the other block runs."""
+    with _SWITCH_LOCK:
+        held = getattr(model, _SWITCH_ATTR, None)
+        if held is None:
+            previous = model.config._attn_implementation
+            if previous != implementation:
+                model.set_attn_implementation(implementation)
+            held = (implementation, 0, previous)
+        elif held[0] != implementation:
+            raise RuntimeError(f"attention is switched to {held[0]!r} by another block; cannot switch to "
+                               f"{implementation!r} now")
+        setattr(model, _SWITCH_ATTR, (implementation, held[1] + 1, held[2]))
     try:
         yield
     finally:
-        if switched:
-            model.set_attn_implementation(GQA_ATTENTION)
+        with _SWITCH_LOCK:
+            name, count, previous = getattr(model, _SWITCH_ATTR)
+            if count == 1:
+                delattr(model, _SWITCH_ATTR)
+                if previous != name:
+                    model.set_attn_implementation(previous)
+            else:
+                setattr(model, _SWITCH_ATTR, (name, count - 1, previous))
 
 
-__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "stock_attention", "use_gqa_attention"]
+def stock_attention(model: torch.nn.Module):
+    """transformers' own `sdpa` for the block, for callers that accept only the stock names
+    (the continuous-batching engine of `generate_batch`)."""
+    return switched_attention(model, "sdpa")
+
+
+__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "stock_attention", "switched_attention", "use_gqa_attention"]

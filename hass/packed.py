@@ -23,15 +23,15 @@ down to the attention function unchanged.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .attention import switched_attention
 
 log = logging.getLogger(__name__)
 
@@ -266,31 +266,10 @@ try:   # ordinary forwards that run while the switch is on get the exact sdpa ma
 except ImportError:      # pragma: no cover - older transformers: packed calls pass their own mask anyway
     log.debug("no AttentionMaskInterface; ordinary forwards during a packed call use sdpa without a mask function")
 
-_SWITCH_LOCK = threading.Lock()
-_SWITCHED: dict[int, tuple[int, str]] = {}     # id(model) -> (active packed calls, implementation to restore)
-
-
-@contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Select the packed attention implementation on `model` for the duration of the block
-    (reference-counted, so overlapping packed calls share one switch) and restore it after."""
-    key = id(model)
-    with _SWITCH_LOCK:
-        count, previous = _SWITCHED.get(key, (0, model.config._attn_implementation))
-        if count == 0 and previous != PACKED_ATTENTION:
-            model.set_attn_implementation(PACKED_ATTENTION)
-        _SWITCHED[key] = (count + 1, previous)
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            count, previous = _SWITCHED[key]
-            if count == 1:
-                del _SWITCHED[key]
-                if previous != PACKED_ATTENTION:
-                    model.set_attn_implementation(previous)
-            else:
-                _SWITCHED[key] = (count - 1, previous)
+def packed_attention(model: torch.nn.Module):
+    """The packed attention implementation on `model` for the block (overlapping packed
+    calls share one switch: `hass.attention.switched_attention`), restored after."""
+    return switched_attention(model, PACKED_ATTENTION)
 
 
 @torch.inference_mode()

@@ -36,6 +36,20 @@ def _one_intra_op_thread(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cost_curves_of_this_run(tmp_path_factory):
+    """Cost curves that tests measure (fitted trees on tiny models, or the default model at
+    one thread) go to a folder of this test run, never the user's cache: a curve measured
+    on a loaded machine would otherwise shape the fitted trees of every later run."""
+    import hass.fit as fit
+    folder = tmp_path_factory.mktemp("costs")
+    stock = fit.cost_curve_path
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fit, "cost_curve_path", lambda target: folder / stock(target).name)
+    yield folder
+    mp.undo()
+
+
 TINY_VOCAB = 128
 TINY_EOS = 2
 TINY_MAX_POS = 512

@@ -68,3 +68,29 @@ def test_unmasked_forwards_are_transformers_sdpa(make_target, prefix):
     target.model.set_attn_implementation("sdpa")
     ref, _ = target.forward(ids, target.new_cache())
     assert torch.equal(ours, ref)
+
+
+def test_one_switch_for_every_temporary_attention(make_target):
+    """Packed batches and distill's stock-sdpa block share one reference-counted switch:
+    overlapping blocks of one implementation keep it until the last ends, the model's own
+    implementation comes back after, and asking for another one meanwhile is refused."""
+    from hass.attention import stock_attention, switched_attention
+    from hass.packed import PACKED_ATTENTION, packed_attention
+    model = make_target(name="tiny-switch").model
+    assert model.config._attn_implementation == GQA_ATTENTION
+    with packed_attention(model):
+        with packed_attention(model):
+            assert model.config._attn_implementation == PACKED_ATTENTION
+        assert model.config._attn_implementation == PACKED_ATTENTION     # the outer block still holds it
+        with pytest.raises(RuntimeError, match="switched to 'hass_packed'"):
+            with stock_attention(model):
+                pass
+        assert model.config._attn_implementation == PACKED_ATTENTION
+    assert model.config._attn_implementation == GQA_ATTENTION
+    with stock_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == GQA_ATTENTION
+    with pytest.raises(ValueError):
+        with switched_attention(model, "sdpa"):
+            raise ValueError("a failing block")
+    assert model.config._attn_implementation == GQA_ATTENTION           # restored on errors too
