@@ -311,10 +311,9 @@ bench-drafts-%: setup
 		--max-new-tokens 128 --temperature 0 1 --out runs/bench-drafts$* --note "fresh cache; stage-$* drafts beside the shipped ones"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 
-# Stage 8 (started at the end of session 14, not yet measured): the ShareGPT split is used up, so
-# a second epoch over stage 6's folder (the only earlier folder still prepared here; `make
-# prepare-6` rebuilds it), continuing the shipped pair with their own losses (EAGLE-2 from
-# draft-eagle2-7, HASS from draft-hass-7e): does HASS's lead grow with more training on its losses?
+# Stage 8 (measured and shipped in session 15): the ShareGPT split is used up, so a second epoch
+# over stage 6's folder (`make prepare-6` rebuilds it, or finds it done), continuing the stage-7
+# pair with their own losses (EAGLE-2 from draft-eagle2-7, HASS from draft-hass-7e)
 STAGE8_DATA = $(STAGE6_DATA)
 STAGE8_FLAGS ?= $(STAGE7_FLAGS)
 STAGE8_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-7e
@@ -324,6 +323,17 @@ drafts-8: prepare-6
 	$(MAKE) draft-eagle2-8
 	$(MAKE) draft-hass-8
 	$(MAKE) eval-drafts-8
+
+# Stage 9 (started in session 15): the second epoch over stage 7's folder, continuing stage 8's pair
+STAGE9_DATA = $(STAGE7_DATA)
+STAGE9_FLAGS ?= $(STAGE7_FLAGS)
+STAGE9_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-8
+STAGE9_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-8
+.PHONY: drafts-9
+drafts-9: prepare-7
+	$(MAKE) draft-eagle2-9
+	$(MAKE) draft-hass-9
+	$(MAKE) eval-drafts-9
 
 # stage 7 = the pattern's stage plus the two-stage HASS run, evaluated; shipped as a pair
 .PHONY: drafts-7 ship-drafts-7
@@ -372,6 +382,8 @@ STAGE4_COMMAND = make drafts-4
 STAGE5_COMMAND = make drafts-5
 STAGE6_COMMAND = make drafts-6
 STAGE7_COMMAND = make drafts-7
+STAGE8_COMMAND = make drafts-7 && make drafts-8
+STAGE9_COMMAND = make drafts-7 && make drafts-8 && make drafts-9
 # one run folder with the issues' protocol (eval-run-hass-7e evaluates runs/drafts/smollm2-135m-hass-7e)
 eval-run-%: setup
 	$(BIN)/python -m hass eval-draft --draft $(RUNS)/smollm2-135m-$* --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
