@@ -335,6 +335,16 @@ drafts-9: prepare-7
 	$(MAKE) draft-hass-9
 	$(MAKE) eval-drafts-9
 
+# Stage 10 (data prepared from session 15 on): a second epoch over stage 5's dialogues, whose
+# folder is gone here, so prepared again (bf16 features, as stages 6-7), continuing stage 9's pair
+PREP10_SKIP ?= $(PREP5_SKIP)
+PREP10_LIMIT ?= $(PREP5_LIMIT)
+PREP10_DTYPE ?= bf16-if-native
+STAGE10_DATA = $(DATA)/sharegpt-10-$(MAX_LEN)
+STAGE10_FLAGS ?= $(STAGE7_FLAGS)
+STAGE10_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-9
+STAGE10_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-9
+
 # stage 7 = the pattern's stage plus the two-stage HASS run, evaluated; shipped as a pair
 .PHONY: drafts-7 ship-drafts-7
 drafts-7: prepare-7
