@@ -70,6 +70,12 @@ benchmarks-fresh: setup
 		status=$$?; rm -rf $$fresh; exit $$status
 	$(BIN)/python -m visual.report runs/bench-fresh/bench.json --png-dir docs/benchmarks --markdown docs/BENCHMARKS.md
 
+# docs/GPU.md, from a bench run on a CUDA machine kept in docs/gpu/bench.json (that run's command is
+# in it; `tools/gpu_check.sh` runs it with the other GPU checks, ~10 min on one H200)
+GPU_TITLE ?= Benchmarks on a GPU (one NVIDIA H200, fp32)
+gpu-doc: setup
+	$(BIN)/python -m visual.report docs/gpu/bench.json --html runs/gpu-report.html --markdown docs/GPU.md --title "$(GPU_TITLE)"
+
 # docs/BATCH.md, written by the batch command from the JSON it keeps (runs/batch/batch.json)
 EVAL := ../shared/data/eval
 batch-doc: setup
@@ -77,7 +83,7 @@ batch-doc: setup
 		--limit 11 --max-prompts 32 --method sequential,ems,padded --batch-size 4,8 --max-new-tokens 64 --warmup \
 		--out runs/batch --markdown docs/BATCH.md
 
-.PHONY: benchmarks benchmarks-fresh batch-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
+.PHONY: benchmarks benchmarks-fresh batch-doc gpu-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

@@ -415,6 +415,8 @@ def cmd_bench(args) -> int:
     report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
               "markdown": {t: bench.markdown_table(r["summary"], bandwidth) for t, r in results.items()},
               "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+                          "accelerator": torch.cuda.get_device_name(target.device)
+                          if target.device.type == "cuda" else None,
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target, trees)},

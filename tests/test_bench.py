@@ -93,3 +93,19 @@ def test_rotation_and_origin_table():
     assert "| hass | 10 / 20 (50%) | 1 / 5 (20%) | – | 5.0 | 5, 3 |" in table
     assert "plain" not in table.split("\n", 3)[-1]
     assert origin_table({"sets": {"a": {"plain": {}}}}) == ""
+
+
+def test_report_page_names_its_title_source_and_accelerator(tmp_path):
+    """A page other than BENCHMARKS.md (docs/GPU.md) says what it is, which bench.json it was
+    written from, and the GPU the run used (recorded by the bench itself)."""
+    from pathlib import Path
+    from visual.report import report_markdown
+    bench = {"command": "python -m hass bench --device cuda", "date": "2026-12-04 16:29 UTC",
+             "machine": {"device": "cuda:0", "accelerator": "NVIDIA H200", "threads": 16, "cpu": "x"},
+             "settings": {}, "markdown": {"0.0": "| set |"}}
+    page = report_markdown(bench, None, Path("docs/GPU.md"), "Benchmarks on a GPU", "docs/gpu/bench.json", None)
+    assert page.startswith("# Benchmarks on a GPU\n")
+    assert "visual.report docs/gpu/bench.json --markdown docs/GPU.md --title 'Benchmarks on a GPU'" in page
+    assert "device cuda:0 (NVIDIA H200)" in page
+    cpu = dict(bench, machine={"device": "cpu", "accelerator": None, "threads": 2, "cpu": "x"})
+    assert "(None)" not in report_markdown(cpu, None, Path("docs/BENCHMARKS.md"))
