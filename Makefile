@@ -330,7 +330,7 @@ drafts-8: prepare-6
 	$(MAKE) draft-hass-8
 	$(MAKE) eval-drafts-8
 
-# Stage 9 (started in session 15): the second epoch over stage 7's folder, continuing stage 8's pair
+# Stage 9 (measured in session 15, not shipped): the second epoch over stage 7's folder, continuing stage 8's pair
 STAGE9_DATA = $(STAGE7_DATA)
 STAGE9_FLAGS ?= $(STAGE7_FLAGS)
 STAGE9_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-8
