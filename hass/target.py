@@ -319,10 +319,22 @@ def _from_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool):
     return model, tok
 
 
+def _content_key(path: Path, block: int = 1 << 20) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(block))
+        if size > block:
+            f.seek(max(block, size - block))
+            h.update(f.read(block))
+    return h.hexdigest()[:12]
+
+
 def _cached_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder under `cache_root()`."""
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    """Dequantise a GGUF file once into a safetensors folder under `cache_root()`, keyed by the
+    file's content (its size and first and last MiB), not its path: the same wheel installed
+    in another virtual environment or clone finds the copy already made."""
+    key = _content_key(gguf)
     folder = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder

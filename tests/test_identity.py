@@ -96,3 +96,20 @@ def test_weights_label_names_the_quantisation():
     assert weights_label("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf", "float32") == "Q4_1 (GGUF, dequantised to float32)"
     assert weights_label("gguf", "m.Q8_0.gguf") == "Q8_0 (GGUF)"
     assert weights_label("hub", "", "float32") == "original (hub, float32)"
+
+
+def test_gguf_cache_key_follows_the_content_not_the_path(tmp_path):
+    """The same GGUF in another venv or clone (another path, another mtime) maps to the same
+    cached folder; a different file of the same size does not."""
+    import os
+    from hass.target import _content_key
+    data = bytes(range(256)) * 9000                        # > 2 MiB: head and tail blocks differ
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1, 1))
+    assert _content_key(a) == _content_key(b)
+    c = tmp_path / "c.gguf"
+    c.write_bytes(data[:-1] + b"\x00" if data[-1] else data[:-1] + b"\x01")
+    assert _content_key(c) != _content_key(a)
