@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,13 @@ def switched_attention(model: torch.nn.Module, implementation: str) -> Iterator[
 
 
 def stock_attention(model: torch.nn.Module):
-    """transformers' own `sdpa` for the block, for callers that accept only the stock names
-    (the continuous-batching engine of `generate_batch`)."""
-    return switched_attention(model, "sdpa")
+    """transformers' own `sdpa` for the block where the model runs one of this project's
+    attention functions (their names start with "hass_"), for callers that accept only the
+    stock names (the continuous-batching engine of `generate_batch`); a model on a stock
+    implementation keeps it."""
+    if str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith("hass_"):
+        return switched_attention(model, "sdpa")
+    return nullcontext()
 
 
 __all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "stock_attention", "switched_attention", "use_gqa_attention"]

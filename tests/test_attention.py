@@ -94,3 +94,7 @@ def test_one_switch_for_every_temporary_attention(make_target):
         with switched_attention(model, "sdpa"):
             raise ValueError("a failing block")
     assert model.config._attn_implementation == GQA_ATTENTION           # restored on errors too
+    model.set_attn_implementation("eager")
+    with stock_attention(model):                                         # a stock implementation is kept
+        assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation(GQA_ATTENTION)
