@@ -320,26 +320,23 @@ bench-drafts-%: setup
 # Stage 8 (measured and shipped in session 15): the ShareGPT split is used up, so a second epoch
 # over stage 6's folder (`make prepare-6` rebuilds it, or finds it done), continuing the stage-7
 # pair with their own losses (EAGLE-2 from draft-eagle2-7, HASS from draft-hass-7e)
+# (the pattern's drafts-8: its prepare-8 finds stage 6's folder already done)
 STAGE8_DATA = $(STAGE6_DATA)
+PREP8_SKIP ?= $(PREP6_SKIP)
+PREP8_LIMIT ?= $(PREP6_LIMIT)
+PREP8_DTYPE ?= $(PREP6_DTYPE)
 STAGE8_FLAGS ?= $(STAGE7_FLAGS)
 STAGE8_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-7e
 STAGE8_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-7
-.PHONY: drafts-8
-drafts-8: prepare-6
-	$(MAKE) draft-eagle2-8
-	$(MAKE) draft-hass-8
-	$(MAKE) eval-drafts-8
 
 # Stage 9 (measured in session 15, not shipped): the second epoch over stage 7's folder, continuing stage 8's pair
 STAGE9_DATA = $(STAGE7_DATA)
+PREP9_SKIP ?= $(PREP7_SKIP)
+PREP9_LIMIT ?= $(PREP7_LIMIT)
+PREP9_DTYPE ?= $(PREP7_DTYPE)
 STAGE9_FLAGS ?= $(STAGE7_FLAGS)
 STAGE9_INIT_HASS ?= $(RUNS)/smollm2-135m-hass-8
 STAGE9_INIT_EAGLE2 ?= $(RUNS)/smollm2-135m-eagle2-8
-.PHONY: drafts-9
-drafts-9: prepare-7
-	$(MAKE) draft-eagle2-9
-	$(MAKE) draft-hass-9
-	$(MAKE) eval-drafts-9
 
 # Stage 10 (data prepared from session 15 on): a second epoch over stage 5's dialogues, whose
 # folder is gone here, so prepared again (bf16 features, as stages 6-7), continuing stage 9's pair
