@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run (a few minutes on one GPU): the decoders'
+# The checks that need a CUDA GPU, in one run (about ten minutes on one H200): the decoders'
 # losslessness on CUDA (fp32: greedy HASS / EAGLE-2 output equal to plain decoding, `bench`'s
 # "greedy equal"), their speed there (fp32 and bf16, fresh cache, fitted trees, order rotated),
 # the shipped HASS draft's tau with the issues' protocol, EMS / padded batches against
