@@ -317,10 +317,10 @@ bench-drafts-%: setup
 		--max-new-tokens 128 --temperature 0 1 --out runs/bench-drafts$* --note "fresh cache; stage-$* drafts beside the shipped ones"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 
-# Stage 8 (measured and shipped in session 15): the ShareGPT split is used up, so a second epoch
-# over stage 6's folder (`make prepare-6` rebuilds it, or finds it done), continuing the stage-7
-# pair with their own losses (EAGLE-2 from draft-eagle2-7, HASS from draft-hass-7e)
-# (the pattern's drafts-8: its prepare-8 finds stage 6's folder already done)
+# Stage 8 (measured in session 15, not shipped): the ShareGPT split is used up, so a second epoch
+# over stage 6's folder, continuing the stage-7 pair with their own losses (EAGLE-2 from
+# draft-eagle2-7, HASS from draft-hass-7e); the pattern's drafts-8, whose prepare-8 rebuilds stage
+# 6's folder or finds it done (stage 9 likewise with stage 7's)
 STAGE8_DATA = $(STAGE6_DATA)
 PREP8_SKIP ?= $(PREP6_SKIP)
 PREP8_LIMIT ?= $(PREP6_LIMIT)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-GQA_ATTENTION = "hass_sdpa_gqa"
+OWN_PREFIX = "hass_"                        # the names of this project's attention functions start with it
+GQA_ATTENTION = OWN_PREFIX + "sdpa_gqa"
 
 
 def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -93,12 +94,12 @@ def switched_attention(model: torch.nn.Module, implementation: str) -> Iterator[
 
 def stock_attention(model: torch.nn.Module):
     """transformers' own `sdpa` for the block where the model runs one of this project's
-    attention functions (their names start with "hass_"), for callers that accept only the
+    attention functions (named with `OWN_PREFIX`), for callers that accept only the
     stock names (the continuous-batching engine of `generate_batch`); a model on a stock
     implementation keeps it."""
-    if str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith("hass_"):
+    if str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith(OWN_PREFIX):
         return switched_attention(model, "sdpa")
     return nullcontext()
 
 
-__all__ = ["GQA_ATTENTION", "gqa_sdpa_forward", "stock_attention", "switched_attention", "use_gqa_attention"]
+__all__ = ["GQA_ATTENTION", "OWN_PREFIX", "gqa_sdpa_forward", "stock_attention", "switched_attention", "use_gqa_attention"]

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import switched_attention
+from .attention import OWN_PREFIX, switched_attention
 
 log = logging.getLogger(__name__)
 
-PACKED_ATTENTION = "hass_packed"
+PACKED_ATTENTION = OWN_PREFIX + "packed"
 PLAN_KWARG = "hass_plan"
 
 

@@ -103,7 +103,7 @@ def test_report_page_names_its_title_source_and_accelerator(tmp_path):
     bench = {"command": "python -m hass bench --device cuda", "date": "2026-12-04 16:29 UTC",
              "machine": {"device": "cuda:0", "accelerator": "NVIDIA H200", "threads": 16, "cpu": "x"},
              "settings": {}, "markdown": {"0.0": "| set |"}}
-    page = report_markdown(bench, None, Path("docs/GPU.md"), "Benchmarks on a GPU", "docs/gpu/bench.json", None)
+    page = report_markdown(bench, None, Path("docs/GPU.md"), "Benchmarks on a GPU", "docs/gpu/bench.json")
     assert page.startswith("# Benchmarks on a GPU\n")
     assert "visual.report docs/gpu/bench.json --markdown docs/GPU.md --title 'Benchmarks on a GPU'" in page
     assert "device cuda:0 (NVIDIA H200)" in page
