@@ -43,8 +43,9 @@ ABOUT = """
 forward pass. A small *draft* guesses several tokens ahead; the target then checks all the
 guesses in **one** forward and keeps the longest prefix it agrees with, plus one token of
 its own (the **bonus** token). At temperature 0 the output is exactly the target's greedy
-output; at temperature > 0 the acceptance rule keeps the output distributed exactly like
-plain sampling. Nothing about the answer changes: only the speed. The *Check losslessness*
+output; at temperature > 0 the target and the draft share the sampling noise of each
+position (*coupled sampling*), so the answer is the very text plain sampling writes with the
+same seed. Nothing about the answer changes: only the speed. The *Check losslessness*
 button runs both and compares the token ids.
 
 **The draft tree (EAGLE-2).** The draft proposes not one chain but a tree: from each

@@ -41,6 +41,12 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
                    help="lookup candidates (n-grams of the prompt and the text so far) in the tree")
 
 
+def _add_rule_arg(p) -> None:
+    p.add_argument("--sampling-rule", choices=("coupled", "rejection"), default="coupled",
+                   help="T > 0 only: coupled (noise shared by target and draft: the same tokens as plain "
+                   "sampling with this seed) or rejection (method.md's rule: the same distribution)")
+
+
 def _tree(args, target, draft_label: str) -> dict:
     """GenerationConfig fields for the tree: no tree flag -> the size fitted per step on this
     machine; any flag -> a fixed tree (missing values from the device profile or the paper)."""
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k-sampling", type=int, default=0, help="sampling top-k (0 = off)")
+    _add_rule_arg(g)
     g.add_argument("--max-new-tokens", type=int, default=256)
     _add_tree_args(g)
     g.add_argument("--seed", type=int, default=0)
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--temperature", type=float, default=0.0)
     bt.add_argument("--top-p", type=float, default=1.0)
     bt.add_argument("--top-k-sampling", type=int, default=0, help="sampling top-k (0 = off)")
+    _add_rule_arg(bt)
     bt.add_argument("--max-new-tokens", type=int, default=256)
     _add_tree_args(bt)
     bt.add_argument("--seed", type=int, default=0, help="sample i samples with seed + i")
@@ -301,7 +309,7 @@ def cmd_generate(args) -> int:
 
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling), seed=args.seed)
+        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling, args.sampling_rule), seed=args.seed)
     cfg.validate()
     if None not in (args.total_tokens, args.depth, args.top_k):
         TreeConfig(args.total_tokens, args.depth, args.top_k).validate()
@@ -366,7 +374,7 @@ def cmd_bench(args) -> int:
     for name in names + list(extra):
         if name == "plain":
             runners[name] = bench.plain_runner(target)
-        elif name in ("hass", "eagle2", "hass-draft", "lookup") or name in extra:
+        elif name in ("hass", "eagle2", "hass-draft", "lookup", "hass-rejection") or name in extra:
             if shared_tree is None:     # one tree rule for every draft (the default draft's), so tau compares like for like
                 shared_tree = _tree(args, target, shipped_label)
             fields = dict(shared_tree)
@@ -377,11 +385,13 @@ def cmd_bench(args) -> int:
                 fields.update(lookup=fields["lookup"] or LookupConfig(), draft_source=False)
                 draft = None
             else:
-                draft, _ = resolve_draft(extra.get(name, "hass" if name == "hass-draft" else name), target)
+                draft, _ = resolve_draft(extra.get(name, "hass" if name in ("hass-draft", "hass-rejection") else name),
+                                         target)
             t = fields["tree"]
             trees[name] = {"rule": "fitted" if fields["fitted"] else "fixed", "tree": [t.total_tokens, t.depth, t.top_k],
                            "lookup": fields.get("lookup") is not None, "draft": fields.get("draft_source", True)}
-            runners[name] = bench.draft_runner(target, draft, fields)
+            runners[name] = bench.draft_runner(target, draft, fields,
+                                               rule="rejection" if name == "hass-rejection" else "coupled")
         elif name in ("hf-generate", "hf-prompt-lookup"):
             runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
         elif name == "plain-stock":
@@ -745,7 +755,7 @@ def cmd_batch(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens,
-                           sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling), seed=args.seed)
+                           sampling=SamplingConfig(args.temperature, args.top_p, args.top_k_sampling, args.sampling_rule), seed=args.seed)
     cfg.validate()
     if None not in (args.total_tokens, args.depth, args.top_k):
         TreeConfig(args.total_tokens, args.depth, args.top_k).validate()

@@ -37,12 +37,13 @@ from .batch_draft import ExtendItem, GrowItem, make_drafter
 from .decode import GenerationConfig, speculative_generate
 from .drafting import TreeTensors
 from .propose import Proposer
-from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources
+from .noise import PositionNoise, draft_perturbation
+from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources, sampling_noise
 from .events import Step, summarize
 from .packed import PackedCache, PackedPlan, Segment, packed_forward
 from .target import LAST, Target
 from .tree import ancestor_mask
-from .verify import Verdict, accept_greedy, accept_sampling
+from .verify import Verdict, accept
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,13 @@ def _groups(target: Target, draft: torch.nn.Module, ids: list[torch.Tensor], cfg
 # -- shared per-sample bookkeeping ---------------------------------------------------------
 @dataclass
 class _Sample:
-    """One sample of a group: its stop rules, sampling generator and decoding position."""
+    """One sample of a group: its stop rules, sampling randomness and decoding position."""
 
     index: int                  # position in the input
     prompt: torch.Tensor        # [p]
     emitter: Emitter
-    gen: torch.Generator
+    gen: torch.Generator        # the rejection rule's uniforms
+    noise: PositionNoise | None  # the per-position noise of sampling (None when greedy)
     n: int = 0                  # tokens in the target cache (prompt + accepted so far)
     root: int = 0               # the next token, not yet in the cache
     done: bool = False
@@ -189,15 +191,13 @@ class _Sample:
 
 def _samples(target: Target, idx: list[int], ids: list[torch.Tensor], cfg: GenerationConfig,
              seeds: list[int]) -> list[_Sample]:
-    return [_Sample(i, p, Emitter(target, cfg, int(p.shape[0])), torch.Generator().manual_seed(s), n=int(p.shape[0]))
+    return [_Sample(i, p, Emitter(target, cfg, int(p.shape[0])), torch.Generator().manual_seed(s),
+                    sampling_noise(cfg.sampling, s, target.vocab_size), n=int(p.shape[0]))
             for i, p, s in zip(idx, ids, seeds)]
 
 
-def _verdict(cfg: GenerationConfig, tree: TreeTensors, anc: torch.Tensor, logits: torch.Tensor,
-             gen: torch.Generator) -> Verdict:
-    if cfg.sampling.greedy:
-        return accept_greedy(tree.tokens, tree.parents, tree.depths, anc, logits)
-    return accept_sampling(tree.tokens.cpu(), tree.parents.cpu(), logits.cpu(), cfg.sampling, gen)
+def _verdict(cfg: GenerationConfig, s: _Sample, tree: TreeTensors, anc: torch.Tensor, logits: torch.Tensor) -> Verdict:
+    return accept(cfg.sampling, tree.tokens, tree.parents, tree.depths, anc, logits, s.n, s.noise, s.gen)
 
 
 def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict, logits: torch.Tensor) -> Step:
@@ -214,12 +214,20 @@ def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: Generatio
     batch 1 does (`Proposer.tree`). Returns the trees, the growth and the whole draft time."""
     rooms = {r: samples[r].room(max_length) for r in live}
     grow = cfg.tree.depth if cfg.draft_source else 0
-    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, min(grow, rooms[r])) for r in live],
+    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, min(grow, rooms[r]), _perturb(cfg, samples[r], drafter))
+                          for r in live],
                          cfg.tree.top_k, proposer.growth_limit)
     t_grow = clock.lap()
     share = t_grow / max(len(live), 1)
     trees = {r: proposer.tree(pools[r], samples[r].history, share, rooms[r]) for r in live}
     return trees, t_grow, t_grow + clock.lap()
+
+
+def _perturb(cfg: GenerationConfig, s: _Sample, drafter):
+    """The sample's coupled-sampling draft side (None unless coupled)."""
+    if not cfg.sampling.coupled:
+        return None
+    return draft_perturbation(s.noise, cfg.sampling.temperature, drafter.token_map)
 
 
 def _observe(proposer: Proposer, trees, verdicts, t_verify: float, t_grow: float) -> None:
@@ -268,7 +276,7 @@ def _ems_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: list
     t_verify = clock.lap()
     steps: dict[int, Step] = {}
     for r, s in zip(rows, samples):
-        s.root, p = first_token(logits[r], cfg.sampling, s.gen)
+        s.root, p = first_token(logits[r], cfg.sampling, s.noise, s.n)
         s.emitted.append(s.root)
         st = s.emitter.step("prefill", None, [], [s.root], ["target"], [p], {"draft": 0.0, "verify": 0.0, "other": 0.0})
         steps[s.index] = st
@@ -321,7 +329,7 @@ def _judge(cfg, samples, trees, ancs, outputs):
     steps, verdicts, extend = {}, {}, []
     for r, (lg, ft) in outputs.items():
         s, tree = samples[r], trees[r]
-        verdicts[r] = _verdict(cfg, tree, ancs[r], lg, s.gen)
+        verdicts[r] = _verdict(cfg, s, tree, ancs[r], lg)
         st = _spec_step(s, tree, verdicts[r], lg)
         steps[s.index] = st
         if st.stop_reason is None:
@@ -373,7 +381,7 @@ def _padded_group(target: Target, draft: torch.nn.Module, idx: list[int], ids: l
     t_verify = clock.lap()
     steps: dict[int, Step] = {}
     for r, s in zip(rows, samples):
-        s.root, p = first_token(logits[r, -1], cfg.sampling, s.gen)
+        s.root, p = first_token(logits[r, -1], cfg.sampling, s.noise, s.n)
         s.emitted.append(s.root)
         st = s.emitter.step("prefill", None, [], [s.root], ["target"], [p], {"draft": 0.0, "verify": 0.0, "other": 0.0})
         steps[s.index] = st

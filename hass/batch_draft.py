@@ -38,12 +38,14 @@ class ExtendItem:
 
 @dataclass(frozen=True)
 class GrowItem:
-    """Grow one sample's tree from `root` at sequence position `prefix`, at most `depth` deep."""
+    """Grow one sample's tree from `root` at sequence position `prefix`, at most `depth` deep
+    (`perturb`: the sample's coupled-sampling draft side, `hass.noise.draft_perturbation`)."""
 
     row: int
     root: int
     prefix: int
     depth: int
+    perturb: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 class LoopDrafter:
@@ -52,13 +54,18 @@ class LoopDrafter:
     def __init__(self, draft: torch.nn.Module, embed: torch.nn.Module, lm_head: torch.nn.Module, rows: int):
         self.drafters = [Drafter(draft, embed, lm_head) for _ in range(rows)]
 
+    @property
+    def token_map(self) -> torch.Tensor | None:
+        return self.drafters[0].token_map
+
     def extend(self, items: Sequence[ExtendItem]) -> None:
         for it in items:
             self.drafters[it.row].extend(it.features[None], it.tokens[None], it.start)
 
     def grow(self, items: Sequence[GrowItem], top_k: int,
              keep_growing: Callable[[torch.Tensor], bool] | None = None) -> dict[int, Pool]:
-        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, keep_growing) for it in items}
+        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, keep_growing, it.perturb)
+                for it in items}
 
 
 class BatchDrafter:
@@ -73,6 +80,10 @@ class BatchDrafter:
         self.store = SlotStore(rows)
         self.lengths = [0] * rows
         self.last_out: torch.Tensor | None = None       # [rows, H]: the draft's guess of f at each root
+
+    @property
+    def token_map(self) -> torch.Tensor | None:
+        return self.head.token_map
 
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head.logits(out).float(), dim=-1)   # ranks in fp32 whatever the draft's dtype
@@ -141,8 +152,8 @@ class BatchDrafter:
             return pools
         rows = torch.tensor([it.row for it in live], device=dev)
         first = self.log_probs(self.last_out[rows])                      # [S, V]: one GEMM
-        growths = [Growth(it.root, it.prefix, it.depth, top_k, self.last_out[it.row], first[i], self.head.to_target)
-                   for i, it in enumerate(live)]
+        growths = [Growth(it.root, it.prefix, it.depth, top_k, self.last_out[it.row], first[i], self.head.to_target,
+                          it.perturb) for i, it in enumerate(live)]
         rows_of = {id(g): it.row for g, it in zip(growths, live)}
         while True:
             growing = [g for g in growths if g.grown < g.depth and (keep_growing is None or

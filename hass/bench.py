@@ -23,7 +23,8 @@ from .verify import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN_METHODS = ("plain", "hass", "hass-draft", "lookup", "eagle2", "hf-generate", "hf-prompt-lookup")
+BUILTIN_METHODS = ("plain", "hass", "hass-draft", "lookup", "eagle2", "hass-rejection", "hf-generate",
+                   "hf-prompt-lookup")
 # opt-in: plain decoding on a second copy of the target with torch's stock matmul kernels,
 # so the gain of the packed oneDNN kernels is measured side by side, like everything else
 OPTIONAL_METHODS = ("plain-stock",)
@@ -69,24 +70,32 @@ def _from_steps(steps: Iterator[Step]) -> dict:
                 tree_sizes=s.tree_sizes)
 
 
+def _coupled(run: Runner) -> bool:
+    return bool(getattr(run, "coupled", False))
+
+
 def plain_runner(target: Target) -> Runner:
     def run(ids, budget, temperature, seed):
         cfg = GenerationConfig(max_new_tokens=budget, sampling=SamplingConfig(temperature), seed=seed)
         return _from_steps(plain_generate(target, ids, cfg))
+    run.coupled = True              # samples with the position-keyed noise (`hass.noise`)
     return run
 
 
-def draft_runner(target: Target, draft: DraftHead | None, tree: TreeConfig | dict) -> Runner:
+def draft_runner(target: Target, draft: DraftHead | None, tree: TreeConfig | dict, rule: str = "coupled") -> Runner:
     """Speculative decoding; `tree` is a fixed TreeConfig or GenerationConfig fields (tree,
-    fitted, lookup, draft_source). Without a draft (lookup only) a random one stands in, unused."""
+    fitted, lookup, draft_source); `rule`: the sampling rule at T > 0. Without a draft (lookup
+    only) a random one stands in, unused."""
     fields = tree if isinstance(tree, dict) else {"tree": tree}
     if draft is None:
         from .draft import new_draft
         draft = new_draft(target.config).to(target.device, target.dtype)
 
     def run(ids, budget, temperature, seed):
-        cfg = GenerationConfig(max_new_tokens=budget, sampling=SamplingConfig(temperature), seed=seed, **fields)
+        cfg = GenerationConfig(max_new_tokens=budget, sampling=SamplingConfig(temperature, rule=rule), seed=seed,
+                               **fields)
         return _from_steps(speculative_generate(target, draft, ids, cfg))
+    run.coupled = rule == "coupled"
     return run
 
 
@@ -123,7 +132,10 @@ def interleave(questions: list[Question], methods: dict[str, Runner], budget: in
                on_record: Callable[[Record], None] | None = None) -> list[Record]:
     """For each question and turn, run every method back to back, in an order rotated from
     prompt to prompt (no method always runs first or right after another). The reference for
-    greedy equality and for multi-turn histories is the first method given (`plain` when present)."""
+    equality and for multi-turn histories is the first method given (`plain` when present).
+    Equality is checked at T = 0 for every method, and at T > 0 between methods that sample
+    with position-keyed noise (`coupled`: plain and coupled speculative decoding), whose
+    tokens for one seed must be the same too."""
     records: list[Record] = []
     names = list(methods)
     k = 0
@@ -141,7 +153,7 @@ def interleave(questions: list[Question], methods: dict[str, Runner], budget: in
             reference = done[names[0]]
             for name in names:
                 r = done[name]
-                if name != names[0] and temperature == 0:
+                if name != names[0] and (temperature == 0 or (_coupled(methods[name]) and _coupled(methods[names[0]]))):
                     r.greedy_equal = r.token_ids == reference.token_ids
                 records.append(r)
                 if on_record:
@@ -243,7 +255,7 @@ def _quartiles(xs: list[int]) -> list[float] | None:
 
 def markdown_table(summary: dict, bandwidth: float) -> str:
     lines = [f"Machine memory bandwidth (tensor copy): {bandwidth / 1e9:.1f} GB/s", "",
-             "| set | method | tokens/s | speedup | tau | tau (macro) | greedy equal | weights GB/s (fraction) |",
+             "| set | method | tokens/s | speedup | tau | tau (macro) | equal to plain | weights GB/s (fraction) |",
              "|---|---|---|---|---|---|---|---|"]
     rows = [(s, m, v) for s, ms in summary["sets"].items() for m, v in ms.items()]
     rows += [("mean", m, v) for m, v in summary["mean"].items()]

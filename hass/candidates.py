@@ -18,6 +18,7 @@ relies on.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +61,19 @@ class Pool:
 class Growth:
     """One sample's EAGLE-2 growth: the frontier, its features and ancestor rows, and every
     candidate so far. The model calls happen outside (`frontier_inputs` -> draft forward ->
-    `advance`), so batch 1 and batch N grow trees by the same rule."""
+    `advance`), so batch 1 and batch N grow trees by the same rule.
+
+    `perturb(logp, position)`, when given, replaces the draft's log-probs of the children at
+    sequence `position` before they are ranked (coupled sampling: `hass.noise`)."""
 
     def __init__(self, root: int, prefix: int, depth: int, top_k: int, root_out: torch.Tensor,
-                 root_logp: torch.Tensor, to_target):
+                 root_logp: torch.Tensor, to_target, perturb: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         dev = root_out.device
         self.root, self.prefix, self.depth, self.k = root, prefix, depth, top_k
         self.to_target = to_target
+        self.perturb = perturb
+        if perturb is not None:
+            root_logp = perturb(root_logp, prefix + 1)
         tok, score, _ = expand(torch.zeros(1, device=dev), root_logp[None], top_k)
         tok = to_target(tok)
         self.toks, self.scores, self.local = [tok], [score], [score]
@@ -96,6 +103,8 @@ class Growth:
         """Take the draft outputs [kf, H] and log-probs [kf, V] of the frontier (as given by
         `frontier_inputs`); record its children and pick the next frontier."""
         d = self.grown
+        if self.perturb is not None:
+            logp = self.perturb(logp, self.prefix + d + 1)
         frontier_score = self._all_score[self.frontier]
         ctok, cscore, crow = expand(frontier_score, logp, self.k)
         ctok = self.to_target(ctok)

@@ -17,10 +17,11 @@ from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step
 from .propose import Proposer
-from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources
+from .noise import draft_perturbation
+from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources, sampling_noise
 from .target import LAST, Target
 from .tree import TreeConfig, ancestor_mask, is_chain, verify_mask
-from .verify import SamplingConfig, Verdict, accept_greedy, accept_sampling
+from .verify import SamplingConfig, Verdict, accept
 
 MAX_NEW_TOKENS_LIMIT = 32768
 
@@ -58,23 +59,23 @@ def plain_generate(target: Target, input_ids: list[int], cfg: GenerationConfig) 
 
 @torch.inference_mode()
 def _plain(target: Target, ids: torch.Tensor, cfg: GenerationConfig) -> Iterator[Step]:
-    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = sampling_noise(cfg.sampling, cfg.seed, target.vocab_size)
     em = Emitter(target, cfg, ids.shape[1])
     cache = target.new_cache()
     clock = Clock(target.device)
     logits, _ = target.forward(ids, cache, logits_rows=LAST)
     t_fwd = clock.lap()
-    tok, p = first_token(logits[0, -1], cfg.sampling, gen)
+    n = ids.shape[1]
+    tok, p = first_token(logits[0, -1], cfg.sampling, noise, n)
     step = em.step("prefill", None, [], [tok], ["target"], [p], {"draft": 0.0, "verify": t_fwd, "other": clock.lap()})
     yield step
     clock.lap()
-    n = ids.shape[1]
     while step.stop_reason is None:
         logits, _ = target.forward(torch.tensor([[tok]], device=target.device), cache,
                                    position_ids=torch.tensor([[n]], device=target.device))
         t_fwd = clock.lap()
         n += 1
-        tok, p = first_token(logits[0, -1], cfg.sampling, gen)
+        tok, p = first_token(logits[0, -1], cfg.sampling, noise, n)
         step = em.step("plain", None, [], [tok], ["target"], [p], {"draft": 0.0, "verify": t_fwd, "other": clock.lap()})
         yield step
         clock.lap()        # the consumer's time between steps is not decoding time
@@ -95,19 +96,21 @@ def speculative_generate(target: Target, draft: DraftHead, input_ids: list[int],
 
 @torch.inference_mode()
 def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: GenerationConfig) -> Iterator[Step]:
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)          # the rejection rule's uniforms
+    noise = sampling_noise(cfg.sampling, cfg.seed, target.vocab_size)
     dev = target.device
     em = Emitter(target, cfg, ids.shape[1])
     drafter = Drafter(draft, target.embed_tokens, target.lm_head)
+    perturb = draft_perturbation(noise, cfg.sampling.temperature, drafter.token_map) if cfg.sampling.coupled else None
     proposer = Proposer.for_generation(target, cfg)
     cache = target.new_cache()
     clock = Clock(dev)
 
     logits, feats = target.forward(ids, cache, logits_rows=LAST)
     t_verify = clock.lap()
-    root, p = first_token(logits[0, -1], cfg.sampling, gen)
-    t_other = clock.lap()
     n = ids.shape[1]
+    root, p = first_token(logits[0, -1], cfg.sampling, noise, n)
+    t_other = clock.lap()
     step = em.step("prefill", None, [], [root], ["target"], [p], {"draft": 0.0, "verify": t_verify, "other": t_other})
     # verified pairs (f_t, x_{t+1}) not yet fed to the draft: fed in one extend when it next drafts
     pending = _Pending(0)
@@ -123,7 +126,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         if drafting:
             pending.flush(drafter)
         t_extend = clock.lap()
-        pool = drafter.grow(root, n, cfg.tree.top_k, min(cfg.tree.depth, room), proposer.growth_limit) \
+        pool = drafter.grow(root, n, cfg.tree.top_k, min(cfg.tree.depth, room), proposer.growth_limit, perturb) \
             if drafting else Pool.empty(root, dev)
         t_grow = clock.lap()
         tree = proposer.tree(pool, history, t_grow, room)
@@ -135,10 +138,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         logits, feats = target.forward(tree.tokens[None], cache, position_ids=(n + tree.depths)[None],
                                        attention_mask=mask)
         t_verify = clock.lap()
-        if cfg.sampling.greedy:
-            verdict = accept_greedy(tree.tokens, tree.parents, tree.depths, anc, logits[0])
-        else:
-            verdict = accept_sampling(tree.tokens.cpu(), tree.parents.cpu(), logits[0].cpu(), cfg.sampling, gen)
+        verdict = accept(cfg.sampling, tree.tokens, tree.parents, tree.depths, anc, logits[0], n, noise, gen)
         path = torch.tensor(verdict.path, device=dev)
         compact(cache, n, path)
         new = tree.tokens[path[1:]].tolist() + [verdict.bonus]

@@ -47,6 +47,11 @@ class Drafter:
         self.kv: KV | None = None
         self.last_out: torch.Tensor | None = None     # [1, 1, H]: the draft's guess of f at the root
 
+    @property
+    def token_map(self) -> torch.Tensor | None:
+        """Target ids of the draft's vocabulary (None: the target's whole vocabulary)."""
+        return self.head.token_map
+
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
         """Draft log-probs over its own vocabulary (the token map's, or the target's)."""
         return torch.log_softmax(self.head.logits(out).float(), dim=-1)   # ranks in fp32 whatever the draft's dtype
@@ -62,15 +67,17 @@ class Drafter:
 
     @torch.inference_mode()
     def grow(self, root_token: int, prefix_len: int, top_k: int, depth: int,
-             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> Pool:
+             keep_growing: Callable[[torch.Tensor], bool] | None = None,
+             perturb: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Pool:
         """EAGLE-2 growth (`hass.candidates.Growth`) over this draft's cache: every candidate
-        of up to `depth` depths; `keep_growing(frontier scores)` may stop it earlier."""
+        of up to `depth` depths; `keep_growing(frontier scores)` may stop it earlier;
+        `perturb`: coupled sampling's draft side (`hass.noise.draft_perturbation`)."""
         dev = self.last_out.device
         if depth <= 0:
             return Pool.empty(root_token, dev)
         root_out = self.last_out[0, 0]
         g = Growth(root_token, prefix_len, depth, top_k, root_out, self.log_probs(root_out[None])[0],
-                   self.head.to_target)
+                   self.head.to_target, perturb)
         tree_kv: KV | None = None
         while g.grown < depth and (keep_growing is None or keep_growing(g.frontier_scores())):
             feat, toks, block, pos = g.frontier_inputs()

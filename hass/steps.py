@@ -10,7 +10,8 @@ from .candidates import LOOKUP, ORIGIN_NAMES
 from .drafting import TreeTensors
 from .events import DraftTree, Step
 from .target import Target
-from .verify import SamplingConfig, sample, target_probs
+from .noise import PositionNoise, gumbel_choice
+from .verify import SamplingConfig, target_probs
 
 
 class Clock:
@@ -77,14 +78,21 @@ class Emitter:
         return st
 
 
-def first_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> tuple[int, float]:
-    """The target's token after the prompt (or after one plain step)."""
+def first_token(logits: torch.Tensor, cfg: SamplingConfig, noise: PositionNoise | None,
+                position: int) -> tuple[int, float]:
+    """The target's token at sequence `position` (after the prompt, or one plain step):
+    its argmax at T = 0, else the Gumbel-max sample with that position's noise."""
     if cfg.greedy:
         tok = int(logits.argmax())
         return tok, float(torch.softmax(logits.float(), -1)[tok])
     p = target_probs(logits.cpu(), cfg)
-    tok = sample(p, gen)
+    tok = gumbel_choice(p, noise.at(position))
     return tok, float(p[tok])
+
+
+def sampling_noise(cfg: SamplingConfig, seed: int, vocab_size: int) -> PositionNoise | None:
+    """The per-position noise of a stream (None when greedy: nothing is random)."""
+    return None if cfg.greedy else PositionNoise(seed, vocab_size)
 
 
 def event_tree(t: TreeTensors, drafted: bool = True) -> DraftTree:
@@ -107,4 +115,4 @@ def path_sources(t: TreeTensors, path: list[int]) -> list[str]:
     return [f"{kinds[d]}@{d}" for d in range(1, len(path))] + ["bonus"]
 
 
-__all__ = ["Clock", "Emitter", "check_prompt", "event_tree", "first_token", "path_sources"]
+__all__ = ["Clock", "Emitter", "check_prompt", "event_tree", "first_token", "path_sources", "sampling_noise"]

@@ -1,7 +1,15 @@
 """Acceptance along a verified tree: greedy (T = 0) and lossless sampling (T > 0).
 
 Both plain sampling and speculative verification turn logits into probabilities with the
-same `target_probs`, which is what makes the sampling path lossless.
+same `target_probs`, which is what makes the sampling path lossless. At T > 0 there are two
+rules (`SamplingConfig.rule`):
+
+* "coupled" (the default): the target's choice at each position is the Gumbel-max sample
+  with that position's noise (`hass.noise`), exactly the draw plain decoding makes there,
+  and a child is accepted when it is that choice. The output equals plain sampling's for
+  the same seed, token for token.
+* "rejection": the multi-candidate rejection rule of method.md section 3 (each child a
+  deterministic proposal): the output is distributed as plain sampling, not equal to it.
 """
 from __future__ import annotations
 
@@ -9,14 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
+from .noise import PositionNoise, gumbel_choice
+
+RULES = ("coupled", "rejection")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 = greedy; top_p in (0, 1]; top_k 0 = off."""
+    """temperature 0 = greedy; top_p in (0, 1]; top_k 0 = off; rule: how speculative
+    decoding accepts at T > 0 ("coupled" or "rejection", see the module docstring)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    rule: str = "coupled"
 
     @property
     def greedy(self) -> bool:
@@ -30,7 +44,14 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"top_k (sampling) must be a whole number >= 0 (0 = off), got {k!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"sampling rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         return self
+
+    @property
+    def coupled(self) -> bool:
+        """Sampling with position-keyed noise shared by the target and the draft."""
+        return not self.greedy and self.rule == "coupled"
 
 
 def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -81,6 +102,28 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Ten
     return Verdict(path.tolist(), int(argmax[last]), p.tolist())
 
 
+def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,
+                   noise: PositionNoise, start: int) -> Verdict:
+    """Walk down the tree from the root (at sequence position `start`): at each node the
+    target chooses the next token as plain sampling does at that position (`gumbel_choice`
+    with the position's noise); move to the child holding that token, or stop and emit the
+    choice as the bonus. Only the rows on the path are turned into probabilities."""
+    plist, toks = parents.tolist(), tokens.tolist()
+    children: dict[int, dict[int, int]] = {}
+    for i in range(1, len(plist)):
+        children.setdefault(plist[i], {}).setdefault(toks[i], i)
+    node, path, out_p = 0, [0], []
+    while True:
+        p = target_probs(logits[node].cpu(), cfg)
+        x = gumbel_choice(p, noise.at(start + len(path)))
+        out_p.append(float(p[x]))
+        child = children.get(node, {}).get(x)
+        if child is None:
+            return Verdict(path, x, out_p)
+        node = child
+        path.append(child)
+
+
 def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,
                     generator: torch.Generator | None) -> Verdict:
     """Walk down the tree: at a node with target distribution p, try its children in draft
@@ -119,3 +162,15 @@ def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
             bonus = sample(p, generator)
             out_p.append(float(probs[node, bonus]))
             return Verdict(path, bonus, out_p)
+
+
+def accept(cfg: SamplingConfig, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+           anc: torch.Tensor, logits: torch.Tensor, start: int, noise: PositionNoise | None,
+           gen: torch.Generator | None) -> Verdict:
+    """The verdict on one verified tree (root at sequence position `start`; logits [N, V],
+    one row per node) under the sampling settings: greedy, coupled or rejection."""
+    if cfg.greedy:
+        return accept_greedy(tokens, parents, depths, anc, logits)
+    if cfg.coupled:
+        return accept_coupled(tokens.cpu(), parents.cpu(), logits, cfg, noise, start)
+    return accept_sampling(tokens.cpu(), parents.cpu(), logits.cpu(), cfg, gen)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import hass.batch
+import hass.verify
 from hass.batch import BatchResult, load_prompt_file, run_batch
 from hass.batch_draft import BatchDrafter
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
@@ -342,12 +343,14 @@ def small_target(make_target):
                        kernels="stock")
 
 
+@pytest.mark.parametrize("rule", ["coupled", "rejection"])
 @pytest.mark.parametrize("method", ["ems", "padded"])
 @pytest.mark.parametrize("kind", ["random", "oracle"])
-def test_sampling_equals_batch1_seed_for_seed(small_target, oracle_draft, method, kind):
-    """Each sample owns a generator consumed in batch-1 order: same seed, same tokens."""
+def test_sampling_equals_batch1_seed_for_seed(small_target, oracle_draft, method, kind, rule):
+    """Each sample owns its randomness (position noise, the rejection rule's generator),
+    used as batch 1 uses it: same seed, same tokens."""
     draft = new_draft(small_target.config, seed=1) if kind == "random" else oracle_draft(small_target, [3])
-    cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingConfig(temperature=0.9, top_p=0.95),
+    cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingConfig(temperature=0.9, top_p=0.95, rule=rule),
                            tree=TreeConfig(10, 4, 3), stop_at_eos=False)
     for r in range(12):
         seeds = [100 * r + j for j in range(len(SAMPLING_PROMPTS))]
@@ -396,11 +399,12 @@ def _per_sample_checks(target, samples, sampling, stats):
 SAMPLING_CASES = [
     ("ems", "oracle", SamplingConfig(temperature=0.7), TreeConfig(8, 3, 3), 1500),
     ("padded", "random", SamplingConfig(temperature=1.3, top_k=6), TreeConfig(12, 3, 4), 1000),
+    ("ems", "random", SamplingConfig(temperature=1.0, rule="rejection"), TreeConfig(12, 3, 4), 1000),
 ]
 
 
 @pytest.mark.parametrize("method,kind,sampling,tree,runs", SAMPLING_CASES,
-                         ids=[c[0] + "-" + c[1] for c in SAMPLING_CASES])
+                         ids=[c[0] + "-" + c[1] + "-" + c[2].rule for c in SAMPLING_CASES])
 def test_sampling_per_sample_matches_exact_distribution(small_target, oracle_draft, stats, method, kind, sampling,
                                                         tree, runs):
     draft = new_draft(small_target.config, seed=1) if kind == "random" else oracle_draft(small_target, [3])
@@ -430,8 +434,8 @@ def _wrong_no_residual(tokens, parents, logits, cfg, gen):
 
 
 def test_wrong_rule_in_the_batch_decoder_fails(small_target, oracle_draft, stats, monkeypatch):
-    monkeypatch.setattr(hass.batch, "accept_sampling", _wrong_no_residual)
-    sampling = SamplingConfig(temperature=0.7)
+    monkeypatch.setattr(hass.verify, "accept_sampling", _wrong_no_residual)
+    sampling = SamplingConfig(temperature=0.7, rule="rejection")
     samples, _ = _batched_samples(small_target, oracle_draft(small_target, [3]), sampling, TreeConfig(8, 3, 3), "ems",
                                   1000, seed0=1000)
     results = _per_sample_checks(small_target, samples, sampling, stats)

@@ -20,8 +20,9 @@ import math
 import pytest
 import torch
 
-import hass.decode
 import hass.fit as fit_mod
+import hass.noise
+import hass.verify
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
 from hass.draft import new_draft
 from hass.candidates import LookupConfig
@@ -355,9 +356,11 @@ def _marginal_checks(samples, exact, stats):
     return results
 
 
+@pytest.mark.parametrize("rule", ["coupled", "rejection"])
 @pytest.mark.parametrize("name,sampling,tree,kind", E2E_CASES, ids=[c[0] for c in E2E_CASES])
 def test_speculative_sampling_matches_exact_target_distribution(small_target, oracle_draft, stats,
-                                                                name, sampling, tree, kind):
+                                                                name, sampling, tree, kind, rule):
+    sampling = dataclasses.replace(sampling, rule=rule)
     exact = exact_marginals(small_target, PROMPT, sampling)
     assert float(exact[1].max()) < 0.9 and int((exact[1] > 0.02).sum()) >= 3   # a non-trivial target
     accepted, reported = [], []
@@ -395,8 +398,8 @@ def test_plain_sampling_matches_exact_target_distribution(small_target, stats):
 def test_wrong_rule_in_the_decoder_fails_end_to_end(small_target, oracle_draft, stats, monkeypatch):
     """Negative control end to end: the decoder with a residual-free acceptance rule must
     fail the same x2/x3 check that the real rule passes."""
-    monkeypatch.setattr(hass.decode, "accept_sampling", wrong_no_residual)
-    sampling = SamplingConfig(temperature=0.7)
+    monkeypatch.setattr(hass.verify, "accept_sampling", wrong_no_residual)
+    sampling = SamplingConfig(temperature=0.7, rule="rejection")
     exact = exact_marginals(small_target, PROMPT, sampling)
     samples = sample_runs(small_target, _draft_factory("oracle", small_target, oracle_draft),
                           GenerationConfig(sampling=sampling, tree=TreeConfig(8, 3, 3)), 1000, seed0=1000)
@@ -428,9 +431,11 @@ def _repeat_draft_factory(kind, target, oracle_draft):
     return lambda: d
 
 
+@pytest.mark.parametrize("rule", ["coupled", "rejection"])
 @pytest.mark.parametrize("name,sampling,cfg,kind", LOOKUP_CASES, ids=[c[0] for c in LOOKUP_CASES])
 def test_sampling_with_lookup_nodes_matches_exact_target_distribution(small_target, oracle_draft, stats,
-                                                                      name, sampling, cfg, kind, monkeypatch):
+                                                                      name, sampling, cfg, kind, rule, monkeypatch):
+    sampling = dataclasses.replace(sampling, rule=rule)
     # the fitted case's cut follows a cost curve: a fixed one (a tiny model's measured curve is
     # load noise), so the trees, and the count of lookup nodes checked below, do not depend on it
     monkeypatch.setattr(fit_mod, "load_cost_curve", lambda target, measure=True: dict(FIXED_CURVE))
@@ -449,12 +454,108 @@ def test_sampling_with_lookup_nodes_matches_exact_target_distribution(small_targ
 
 def test_wrong_rule_with_lookup_nodes_fails_end_to_end(small_target, stats, monkeypatch):
     """Negative control for trees made of lookup nodes only: the residual-free rule fails."""
-    monkeypatch.setattr(hass.decode, "accept_sampling", wrong_no_residual)
-    sampling = SamplingConfig(temperature=0.8)
+    monkeypatch.setattr(hass.verify, "accept_sampling", wrong_no_residual)
+    sampling = SamplingConfig(temperature=0.8, rule="rejection")
     exact = exact_marginals(small_target, PROMPT_REPEAT, sampling)
     cfg = GenerationConfig(sampling=sampling, tree=TreeConfig(6, 2, 2), lookup=ONE_GRAM, draft_source=False)
-    samples = sample_runs(small_target, _repeat_draft_factory("random", small_target, None), cfg, 1000,
+    samples = sample_runs(small_target, _repeat_draft_factory("random", small_target, None), cfg, 2500,
                           seed0=2000, prompt=PROMPT_REPEAT)
     results = _marginal_checks(samples, exact, stats)
     assert results[0][1], "x1 comes from prefill and must still be right"
     assert not results[1][1] or not results[2][1], f"wrong rule passed: {results}"
+
+
+# -- coupled sampling: plain sampling's very tokens -----------------------------------------------
+COUPLED_CASES = [
+    # (name, sampling, config, draft kind, prompt)
+    ("T0.7-oracle", SamplingConfig(temperature=0.7), GenerationConfig(tree=TreeConfig(8, 3, 3)), "oracle", PROMPT),
+    ("T1.3-random", SamplingConfig(temperature=1.3), GenerationConfig(tree=TreeConfig(12, 3, 4)), "random", PROMPT),
+    ("topp-topk-oracle+lookup-fitted", SamplingConfig(temperature=1.0, top_p=0.8, top_k=5),
+     GenerationConfig(tree=TreeConfig(16, 3, 3), lookup=ONE_GRAM, fitted=True), "oracle", PROMPT_REPEAT),
+    ("T0.8-lookup-only", SamplingConfig(temperature=0.8),
+     GenerationConfig(tree=TreeConfig(6, 2, 2), lookup=ONE_GRAM, draft_source=False), "random", PROMPT_REPEAT),
+]
+N_COUPLED = 30
+NEW_COUPLED = 24
+
+
+def _tokens(steps) -> list[int]:
+    return [t for s in steps for t in s.new_tokens]
+
+
+def _equal_runs(target, draft_for, sampling, cfg, prompt, seeds=range(N_COUPLED)):
+    """(seeds whose speculative tokens equal plain sampling's, accepted draft/lookup tokens)."""
+    equal, accepted = 0, 0
+    for seed in seeds:
+        c = dataclasses.replace(cfg, sampling=sampling, seed=seed, max_new_tokens=NEW_COUPLED, stop_at_eos=False)
+        plain = _tokens(plain_generate(target, prompt, c))
+        spec = list(speculative_generate(target, draft_for(), prompt, c))
+        equal += _tokens(spec) == plain
+        accepted += sum(s.accepted for s in spec)
+    return equal, accepted
+
+
+@pytest.mark.parametrize("name,sampling,cfg,kind,prompt", COUPLED_CASES, ids=[c[0] for c in COUPLED_CASES])
+def test_coupled_sampling_emits_plain_sampling_tokens(small_target, oracle_draft, name, sampling, cfg, kind, prompt,
+                                                      monkeypatch):
+    """At T > 0 the coupled rule is exact in the strongest sense: for every seed, the very
+    tokens plain sampling draws (the distribution checks above show those are samples of the
+    target), whatever the draft, the lookup nodes and the fitted cut."""
+    monkeypatch.setattr(fit_mod, "load_cost_curve", lambda target, measure=True: dict(FIXED_CURVE))
+    factory = _repeat_draft_factory if prompt is PROMPT_REPEAT else _draft_factory
+    equal, accepted = _equal_runs(small_target, factory(kind, small_target, oracle_draft), sampling, cfg, prompt)
+    assert equal == N_COUPLED, f"{name}: {N_COUPLED - equal} of {N_COUPLED} seeds differ from plain sampling"
+    assert accepted > N_COUPLED * (8 if kind == "oracle" else 1), f"{name}: too little accepted ({accepted})"
+
+
+def wrong_coupled_noise_one_early(tokens, parents, logits, cfg, noise, start):
+    """Verification drawing each choice with the noise of the position before it."""
+    return hass.verify.__dict__["_real_accept_coupled"](tokens, parents, logits, cfg, noise, start - 1)
+
+
+def test_equality_check_fails_for_rules_that_do_not_couple(small_target, oracle_draft, monkeypatch):
+    """Negative controls of the equality check: the rejection rule (right in distribution,
+    not coupled) and a coupled rule reading the wrong position's noise both break token
+    equality."""
+    sampling = SamplingConfig(temperature=1.3)
+    draft_for = _draft_factory("random", small_target, oracle_draft)
+    cfg = GenerationConfig(tree=TreeConfig(12, 3, 4))
+    equal, _ = _equal_runs(small_target, draft_for, dataclasses.replace(sampling, rule="rejection"), cfg, PROMPT)
+    assert equal < N_COUPLED // 2, f"the rejection rule matched plain sampling on {equal} of {N_COUPLED} seeds"
+
+    monkeypatch.setattr(hass.verify, "_real_accept_coupled", hass.verify.accept_coupled, raising=False)
+    monkeypatch.setattr(hass.verify, "accept_coupled", wrong_coupled_noise_one_early)
+    equal, _ = _equal_runs(small_target, draft_for, sampling, cfg, PROMPT)
+    assert equal < N_COUPLED // 2, f"the wrong noise position matched plain sampling on {equal} of {N_COUPLED} seeds"
+
+
+def test_plain_sampling_needs_fresh_noise_per_position(small_target, stats, monkeypatch):
+    """Negative control of the sampler itself: one noise vector for every position (keyed by
+    the seed alone) makes the tokens depend on each other, and the marginals fail."""
+    real = hass.noise.position_seed
+    monkeypatch.setattr(hass.noise, "position_seed", lambda seed, position: real(seed, 0))
+    sampling = SamplingConfig(temperature=1.3)
+    exact = exact_marginals(small_target, PROMPT, sampling)
+    out = [_tokens(plain_generate(small_target, PROMPT, GenerationConfig(
+        max_new_tokens=NEW_E2E, sampling=sampling, seed=1000 + i, stop_at_eos=False))) for i in range(1000)]
+    results = _marginal_checks(torch.tensor(out), exact, stats)
+    assert results[0][1], "x1 alone is still a Gumbel-max sample"
+    assert not results[1][1] or not results[2][1], f"shared noise passed: {results}"
+
+
+def test_coupled_draft_proposes_the_targets_sample(small_target, oracle_draft):
+    """The draft side reads the noise of the position it proposes for: a draft that knows
+    the target's distribution (the oracle) then proposes the token the target will sample,
+    and nearly every step accepts a full-depth path, far more than the rejection rule gets
+    from the same draft with the same trees."""
+    draft_for = _draft_factory("oracle", small_target, oracle_draft)
+    cfg = GenerationConfig(tree=TreeConfig(8, 3, 3))
+    per_rule = {}
+    for rule in ("coupled", "rejection"):
+        steps = [s for seed in range(20) for s in speculative_generate(small_target, draft_for(), PROMPT, dataclasses.replace(
+            cfg, sampling=SamplingConfig(temperature=1.0, rule=rule), seed=seed, max_new_tokens=NEW_COUPLED,
+            stop_at_eos=False)) if s.kind == "speculative"]
+        full = [s.accepted == max(s.tree.depths) for s in steps]
+        per_rule[rule] = (sum(full) / len(full), sum(s.accepted for s in steps) / len(steps))
+    assert per_rule["coupled"][0] > 0.9, per_rule
+    assert per_rule["coupled"][1] > per_rule["rejection"][1] + 0.5, per_rule

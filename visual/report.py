@@ -130,7 +130,7 @@ def figures(summary: dict) -> dict[str, go.Figure]:
 
 
 def _table(summary: dict) -> str:
-    head = ["set", "method", "tokens/s", "speedup", "τ", "τ (macro)", "greedy equal"]
+    head = ["set", "method", "tokens/s", "speedup", "τ", "τ (macro)", "equal to plain"]
     rows = [(s, m, v) for s, ms in summary["sets"].items() for m, v in ms.items()]
     rows += [("mean", m, v) for m, v in summary["mean"].items()]
 

@@ -1,0 +1,83 @@
+"""The randomness of sampling at T > 0, fixed per (seed, position): coupled sampling.
+
+Plain sampling here picks the token at sequence position t as the Gumbel-max sample
+argmax_x (log p_t(x) + g_t(x)), where g_t is standard Gumbel noise drawn from a generator
+seeded by (seed, t) alone. That is an exact sample of p_t, and since g_t does not depend on
+the tokens before t, the sequence is distributed exactly as ancestral sampling.
+
+Speculative decoding uses the same g_t wherever it decides the token at position t: the
+target's choice after a tree node (`hass.verify.accept_coupled`), and the draft's proposals
+at that depth (`draft_perturbation`). So at T > 0 the speculative output is the plain
+output for the same seed, token for token, exactly as at T = 0 (the randomness is part of
+the input), and a draft that knows the target's distribution proposes the very token the
+target will sample, where a deterministic top-k proposal is accepted only with the
+probability mass it covers.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+KEEP = 256        # positions kept: a step needs its tree's depth + 1, plain decoding one
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed per (seed, position), well mixed (neighbouring positions and
+    seeds get unrelated streams)."""
+    digest = hashlib.blake2b(f"hass-noise:{int(seed)}:{int(position)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class PositionNoise:
+    """Standard Gumbel noise over the target's vocabulary per position, drawn on the CPU
+    (the same numbers on every device) and cached per device."""
+
+    def __init__(self, seed: int, vocab_size: int):
+        self.seed, self.vocab_size = int(seed), int(vocab_size)
+        self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+
+    def at(self, position: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """g_position: [vocab] float32 on `device`."""
+        key = (int(position), str(device))
+        g = self._cache.get(key)
+        if g is None:
+            cpu = self._cache.get((int(position), "cpu"))
+            if cpu is None:
+                gen = torch.Generator().manual_seed(position_seed(self.seed, position))
+                e = torch.empty(self.vocab_size).exponential_(generator=gen)
+                cpu = -e.clamp_min(1e-30).log()              # -log Exp(1) is standard Gumbel
+                self._put((int(position), "cpu"), cpu)
+            g = cpu if str(device) == "cpu" else cpu.to(device)
+            self._put(key, g)
+        return g
+
+    def _put(self, key, value: torch.Tensor) -> None:
+        self._cache[key] = value
+        while len(self._cache) > KEEP:
+            self._cache.popitem(last=False)
+
+
+def gumbel_choice(probs: torch.Tensor, g: torch.Tensor) -> int:
+    """argmax(log p + g): an exact sample of `probs` (zero-probability tokens never win)."""
+    return int((probs.log() + g).argmax())
+
+
+def draft_perturbation(noise: PositionNoise, temperature: float,
+                       token_map: torch.Tensor | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The draft's side of the coupling: its log-probs at the sampling temperature plus the
+    noise the target will use at that position (over the draft's own vocabulary), turned
+    back into log-probs. Its top-k are then the tokens most likely to be the target's
+    sample there, and EAGLE-2's cumulative scores rank paths by the same perturbed belief.
+    Only the proposals change: what is emitted is decided by the target alone."""
+    def perturb(logp: torch.Tensor, position: int) -> torch.Tensor:
+        g = noise.at(position, logp.device)
+        if token_map is not None:
+            g = g[token_map.to(logp.device)]
+        return torch.log_softmax(logp / temperature + g, dim=-1)
+    return perturb
+
+
+__all__ = ["PositionNoise", "draft_perturbation", "gumbel_choice", "position_seed"]
