@@ -122,7 +122,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     while step.stop_reason is None:
         # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
         room = min(target.max_length - 2 - n, em.remaining - 1)
-        drafting = cfg.draft_source and proposer.use_draft()
+        drafting = cfg.draft_source and proposer.use_draft(history)
         if drafting:
             pending.flush(drafter)
         t_extend = clock.lap()

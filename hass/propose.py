@@ -86,6 +86,7 @@ class Proposer:
     total_tokens: int | None
     lookup: LookupConfig | None
     gate: DraftGate | None = None
+    _gated: bool = field(default=False, init=False, repr=False)    # this step's draft choice was the gate's
 
     @classmethod
     def for_generation(cls, target, cfg) -> "Proposer":
@@ -100,9 +101,14 @@ class Proposer:
         """EAGLE-2's cut: the best `total_tokens - 1` candidates, no cost curve needed."""
         return cls(Fitter(CostModel({1: 1.0})), total_tokens, lookup_cfg)
 
-    def use_draft(self) -> bool:
-        """Run the draft head this step? Always for fixed trees (EAGLE-2 as published)."""
-        return self.gate is None or self.gate.choose()
+    def use_draft(self, history: torch.Tensor | None = None) -> bool:
+        """Run the draft head this step? Always for fixed trees (EAGLE-2 as published), and
+        whenever lookup has nothing to propose for `history` (without the draft that step
+        would be a plain step); otherwise the gate decides, and learns from this step
+        (`observe`): both of its arms are measured on steps where lookup had a proposal."""
+        self._gated = self.gate is not None and history is not None and self.lookup is not None \
+            and bool(lookup(history, self.lookup))
+        return not self._gated or self.gate.choose()
 
     @property
     def growth_limit(self) -> Callable[[torch.Tensor], bool] | None:
@@ -146,7 +152,7 @@ class Proposer:
         draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
         levels = int(draft_depths.max()) if draft_depths.numel() else 0
         self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s, len(path))
-        if self.gate is not None:
+        if self._gated:
             self.gate.observe(levels > 0, len(path), verify_s + draft_s)
 
 

@@ -296,3 +296,28 @@ def test_draft_gate_spaces_out_looks_at_a_losing_draft_and_comes_back_when_it_pa
     assert chosen[first_back:].count(True) >= 0.85 * len(chosen[first_back:])
     control = run(DraftGate(explore=8, max_explore=8))
     assert control[200:400].count(True) >= 200 // 8 - 1
+
+
+def test_the_gate_is_asked_only_when_lookup_has_a_proposal():
+    """Without a lookup proposal, skipping the draft would make the step a plain step: the
+    draft runs and the gate neither chooses nor learns. With one, the gate decides and
+    learns from that step."""
+    from hass.fit import CostModel, Fitter
+    from hass.propose import DraftGate, Proposer
+
+    class Never(DraftGate):
+        def choose(self) -> bool:
+            self.steps += 1
+            return False
+
+    prop = Proposer(Fitter(CostModel({1: 1.0})), None, LookupConfig(), Never())
+    fresh = torch.tensor([5, 6, 7, 8, 9])                   # no n-gram repeats: nothing to propose
+    repeat = torch.tensor([5, 6, 7, 8, 5, 6])                # "5 6" seen before: lookup proposes 7 8 ...
+    assert prop.use_draft(fresh) is True and prop.gate.steps == 0
+    tree = prop.tree(Pool.empty(9, torch.device("cpu")), fresh)
+    prop.observe(tree, [0], 0.01, 0.0)
+    assert prop.gate.seconds == {}                           # not learnt from
+    assert prop.use_draft(repeat) is False and prop.gate.steps == 1
+    tree = prop.tree(Pool.empty(6, torch.device("cpu")), repeat)
+    prop.observe(tree, [0], 0.01, 0.0)
+    assert False in prop.gate.seconds                        # the lookup-alone arm learnt from it
