@@ -20,9 +20,9 @@ from .tree import remap_parents
 
 @dataclass
 class DraftGate:
-    """Whether to run the draft head this step (fitted trees with lookup): a two-armed choice
-    between drafting and lookup alone (nothing to draft = a plain step when lookup finds
-    nothing), by the throughput each arm has given lately, trying the other arm now and then
+    """Whether to run the draft head on a step where lookup has a proposal (fitted trees with
+    lookup; `Proposer.use_draft` drafts without asking when lookup has none): a two-armed
+    choice between drafting and lookup alone, by the throughput each arm has given lately, trying the other arm now and then
     (below). Throughput is decayed tokens over decayed seconds per arm (a ratio of sums, not
     a mean of per-step rates: lookup's gains come in rare long bursts, which a mean of step
     rates would under-weight), decayed per step of decoding, not per sample of the arm, so
