@@ -63,7 +63,7 @@ benchmarks: setup
 
 # docs/BENCHMARKS.md as a new user meets it: an empty HASS_CACHE (the model converted, the cost
 # curve measured on first use, no tuned profile), no tree flags, the issues' three sets
-FRESH_BENCH_METHODS ?= plain,hass,hass-draft,lookup,hf-prompt-lookup
+FRESH_BENCH_METHODS ?= plain,hass,hass-draft,lookup,hass-rejection,hf-prompt-lookup
 benchmarks-fresh: setup
 	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
 		--methods $(FRESH_BENCH_METHODS) --max-new-tokens 128 --temperature 0 1 --out runs/bench-fresh --note "fresh cache (an empty HASS_CACHE made by make benchmarks-fresh)$(if $(BENCH_NOTE), $(BENCH_NOTE))"; \
@@ -76,6 +76,16 @@ GPU_TITLE ?= Benchmarks on a GPU (one NVIDIA H200, fp32)
 gpu-doc: setup
 	$(BIN)/python -m visual.report docs/gpu/bench.json --html runs/gpu-report.html --markdown docs/GPU.md --title "$(GPU_TITLE)"
 
+# The same at the product's settings on prompts nothing was tuned or decided on: questions 4-6
+# of each set (`--skip 3`) -> docs/BENCHMARKS-UNSEEN.md
+benchmarks-unseen: setup
+	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --skip 3 --limit 3 \
+		--methods plain,hass,hf-prompt-lookup --max-new-tokens 128 --temperature 0 1 --out runs/bench-unseen --no-report \
+		--note "fresh cache (an empty HASS_CACHE made by make benchmarks-unseen); questions 4-6 of each set"; \
+		status=$$?; rm -rf $$fresh; exit $$status
+	$(BIN)/python -m visual.report runs/bench-unseen/bench.json --markdown docs/BENCHMARKS-UNSEEN.md \
+		--title "Benchmarks on questions never used to tune anything"
+
 # docs/BATCH.md, written by the batch command from the JSON it keeps (runs/batch/batch.json)
 EVAL := ../shared/data/eval
 batch-doc: setup
@@ -83,7 +93,7 @@ batch-doc: setup
 		--limit 11 --max-prompts 32 --method sequential,ems,padded --batch-size 4,8 --max-new-tokens 64 --warmup \
 		--out runs/batch --markdown docs/BATCH.md
 
-.PHONY: benchmarks benchmarks-fresh batch-doc gpu-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
+.PHONY: benchmarks benchmarks-fresh benchmarks-unseen batch-doc gpu-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

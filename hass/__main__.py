@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--sets", default="mt_bench,humaneval,gsm8k", help="set names or JSONL files with `turns`")
     b.add_argument("--limit", type=int, default=10, help="questions per set")
+    b.add_argument("--skip", type=int, default=0, help="skip each set's first N questions (e.g. prompts never "
+                   "used to tune or decide anything)")
     b.add_argument("--methods", default=",".join(("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")),
                    help="comma list; also plain-stock: plain decoding with torch's stock matmul kernels on a "
                    "second copy of the target (the gain of --kernels, measured side by side)")
@@ -359,8 +361,8 @@ def cmd_bench(args) -> int:
     from .assets import resolve_draft, shipped_draft
     from .evalsets import load_set
 
-    if args.max_new_tokens < 1 or args.limit < 1:
-        raise ValueError("--max-new-tokens and --limit must be >= 1")
+    if args.max_new_tokens < 1 or args.limit < 1 or args.skip < 0:
+        raise ValueError("--max-new-tokens and --limit must be >= 1, --skip >= 0")
     target = _load_target(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     extra = dict(d.split("=", 1) for d in args.draft if "=" in d)
@@ -404,7 +406,7 @@ def cmd_bench(args) -> int:
             raise ValueError(f"unknown method {name!r} (known: {known}, or --draft NAME=DIR)")
     if "plain" in runners:                      # plain first: it is the reference for equality and speedup
         runners = {"plain": runners.pop("plain"), **runners}
-    questions = [q for s in args.sets.split(",") if s for q in load_set(s, args.limit)]
+    questions = [q for s in args.sets.split(",") if s for q in load_set(s, args.skip + args.limit)[args.skip:]]
     warm = target.render([{"role": "user", "content": "Say hello."}])
     for run in runners.values():                # warm-up: allocator, kernels, caches
         run(warm, 8, 0.0, 0)

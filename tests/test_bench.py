@@ -109,3 +109,22 @@ def test_report_page_names_its_title_source_and_accelerator(tmp_path):
     assert "device cuda:0 (NVIDIA H200)" in page
     cpu = dict(bench, machine={"device": "cpu", "accelerator": None, "threads": 2, "cpu": "x"})
     assert "(None)" not in report_markdown(cpu, None, Path("docs/BENCHMARKS.md"))
+
+
+def test_bench_at_temperature_checks_coupled_methods_token_for_token(tiny_folder, prompts_file, tmp_path, capsys):
+    """At T > 0 plain and coupled speculative decoding draw the same tokens for a seed: the
+    bench checks it (transformers' sampler is not coupled: no check). --skip drops each
+    set's first questions."""
+    target = load_target(str(tiny_folder))
+    save_draft(new_draft(target.config, seed=1), tmp_path / "d")
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--sets", str(prompts_file), "--skip", "1", "--limit", "2",
+               "--methods", "plain,hf-generate", "--draft", f"mine={tmp_path / 'd'}", "--max-new-tokens", "8",
+               "--total-tokens", "8", "--depth", "3", "--top-k", "2", "--temperature", "1", "--out", str(out),
+               "--json", "--no-report"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sets"]["two"]["mine"]["greedy_equal"] == 1.0
+    assert summary["sets"]["two"]["hf-generate"]["greedy_equal"] is None
+    records = json.loads((out / "bench.json").read_text())["records"]["1.0"]
+    assert {r["question"] for r in records} == {"1"}
