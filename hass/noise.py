@@ -47,8 +47,8 @@ class PositionNoise:
             cpu = self._cache.get((int(position), "cpu"))
             if cpu is None:
                 gen = torch.Generator().manual_seed(position_seed(self.seed, position))
-                e = torch.empty(self.vocab_size).exponential_(generator=gen)
-                cpu = -e.clamp_min(1e-30).log()              # -log Exp(1) is standard Gumbel
+                u = torch.rand(self.vocab_size, generator=gen).clamp_(min=torch.finfo(torch.float32).tiny)
+                cpu = -(-u.log()).log()          # -log(-log U) is standard Gumbel (rand: ~6x faster than exponential_)
                 self._put((int(position), "cpu"), cpu)
             g = cpu if str(device) == "cpu" else cpu.to(device)
             self._put(key, g)

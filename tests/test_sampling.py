@@ -447,7 +447,7 @@ def test_sampling_with_lookup_nodes_matches_exact_target_distribution(small_targ
     for pos, ok, pv, tv in _marginal_checks(samples, exact, stats):
         assert ok, f"{name}: x{pos} p-value {pv:.2e}, TV {tv:.4f}"
     # lookup nodes were really verified and accepted (the check covers them)
-    assert origins.count("lookup") + origins.count("both") > 50, f"lookup accepted too rarely: {len(origins)}"
+    assert origins.count("lookup") + origins.count("both") > 30, f"lookup accepted too rarely: {len(origins)}"
     if not cfg.draft_source:
         assert set(origins) <= {"lookup"}
 
@@ -559,3 +559,18 @@ def test_coupled_draft_proposes_the_targets_sample(small_target, oracle_draft):
         per_rule[rule] = (sum(full) / len(full), sum(s.accepted for s in steps) / len(steps))
     assert per_rule["coupled"][0] > 0.9, per_rule
     assert per_rule["coupled"][1] > per_rule["rejection"][1] + 0.5, per_rule
+
+
+def test_position_noise_depends_on_seed_and_position_only():
+    """The noise of a position is the same whatever was drawn before it and whether it was
+    evicted from the cache (plain decoding asks position by position, verification a tree's
+    positions per step, a batch sample by sample); other seeds and positions differ."""
+    a, b = hass.noise.PositionNoise(3, 50), hass.noise.PositionNoise(3, 50)
+    first = a.at(7).clone()
+    for p in range(hass.noise.KEEP + 10):            # evicts position 7 from a's cache
+        b.at(p)
+        a.at(1000 + p)
+    torch.testing.assert_close(a.at(7), first, rtol=0, atol=0)
+    torch.testing.assert_close(b.at(7), first, rtol=0, atol=0)
+    assert not torch.equal(a.at(8), first)
+    assert not torch.equal(hass.noise.PositionNoise(4, 50).at(7), first)

@@ -191,6 +191,31 @@ def report_html(bench: dict, figs: dict[str, go.Figure] | None = None) -> str:
             + f"<h2>Settings</h2><pre>{meta}</pre></body></html>")
 
 
+METHOD_NOTES = {
+    "plain": "one target forward per token (the reference)",
+    "plain-stock": "plain decoding with torch's stock matmul kernels",
+    "hass": "the HASS draft and lookup candidates in one tree; at T > 0 coupled sampling (the target and "
+            "the draft share each position's noise: plain sampling's very tokens)",
+    "hass-draft": "the HASS draft alone (no lookup candidates)",
+    "lookup": "lookup candidates alone (no draft head)",
+    "hass-rejection": "as hass, but at T > 0 the multi-candidate rejection rule (plain sampling's "
+                      "distribution, not its tokens)",
+    "eagle2": "the EAGLE-2 draft, same tree rule as hass",
+    "hf-generate": "transformers' generate",
+    "hf-prompt-lookup": "transformers' prompt lookup decoding",
+}
+
+
+def method_legend(methods: list[str]) -> list[str]:
+    """One line per method of the run that has a known meaning."""
+    known = [m for m in methods if m in METHOD_NOTES]
+    if not known:
+        return []
+    return ["- methods: " + "; ".join(f"`{m}` {METHOD_NOTES[m]}" for m in known),
+            "- equal to plain: the share of prompts whose tokens equal plain decoding's, checked for every "
+            "method at T = 0 and at T > 0 for the methods that sample with plain decoding's noise"]
+
+
 def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path, title: str = "Benchmarks",
                     source: str = "RUN/bench.json") -> str:
     """docs/BENCHMARKS.md (or another page: its `title` and the bench.json it is written from):
@@ -225,7 +250,8 @@ def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path, title: st
              f"- {settings.get('limit', '?')} questions per set, {settings.get('max_new_tokens', '?')} new tokens per turn; "
              "every method runs the same prompts in one process after a warm-up, in an order rotated from "
              "prompt to prompt; "
-             "speedup = tokens/s over plain's tokens/s for the same prompts.", ""]
+             "speedup = tokens/s over plain's tokens/s for the same prompts.",
+             *method_legend(list(bench.get("mean") or {})), ""]
     for temp, table in bench.get("markdown", {}).items():       # rendered by `hass bench` itself
         lines += [f"## T = {temp}", "", table, ""]
         origins = origin_table(bench.get("by_temperature", {}).get(temp, {}))
