@@ -204,7 +204,8 @@ def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict, logits: torch.Te
     path = verdict.path
     new = tree.tokens[torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)].tolist() + [verdict.bonus]
     return s.emitter.step("speculative", event_tree(tree), path, new, path_sources(tree, path), verdict.probs,
-                          {"draft": 0.0, "verify": 0.0, "other": 0.0}, logits.argmax(-1).tolist())
+                          {"draft": 0.0, "verify": 0.0, "other": 0.0},
+                          verdict.choice if verdict.choice is not None else logits.argmax(-1).tolist())
 
 
 def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: GenerationConfig, max_length: int,

@@ -143,7 +143,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         compact(cache, n, path)
         new = tree.tokens[path[1:]].tolist() + [verdict.bonus]
         proposer.observe(tree, verdict.path, t_verify, t_grow, t_draft, verdict.bonus)
-        choice = logits[0].argmax(-1).tolist()
+        choice = verdict.choice if verdict.choice is not None else logits[0].argmax(-1).tolist()
         t_other = clock.lap()
         step = em.step("speculative", event_tree(tree, drafting), verdict.path, new, path_sources(tree, verdict.path),
                        verdict.probs, {"draft": t_draft, "verify": t_verify, "other": t_other}, choice)

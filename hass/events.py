@@ -44,7 +44,7 @@ class Step:
     timings: dict[str, float]   # seconds: draft, verify, other
     position: int = 0           # tokens in the sequence before this step's new tokens
     stop_reason: str | None = None   # "eos" | "max_new_tokens" | "context" on the last step
-    target_choice: list[int] = field(default_factory=list)   # per tree node: the target's greedy next token
+    target_choice: list[int] = field(default_factory=list)   # per tree node: the target's next token (greedy, or its coupled sample)
 
     @property
     def seconds(self) -> float:

@@ -6,7 +6,7 @@ seeded by (seed, t) alone. That is an exact sample of p_t, and since g_t does no
 the tokens before t, the sequence is distributed exactly as ancestral sampling.
 
 Speculative decoding uses the same g_t wherever it decides the token at position t: the
-target's choice after a tree node (`hass.verify.accept_coupled`), and the draft's proposals
+target's choice after a tree node (`hass.verify.coupled_choice`), and the draft's proposals
 at that depth (`draft_perturbation`). So at T > 0 the speculative output is the plain
 output for the same seed, token for token, exactly as at T = 0 (the randomness is part of
 the input), and a draft that knows the target's distribution proposes the very token the
@@ -54,15 +54,17 @@ class PositionNoise:
             self._put(key, g)
         return g
 
+    def rows(self, positions: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[len(positions), vocab]: the noise of each position (a tree's nodes share few)."""
+        pos = positions.tolist()
+        uniq = sorted(set(pos))
+        table = torch.stack([self.at(p, device) for p in uniq])
+        return table[torch.tensor([uniq.index(p) for p in pos], device=table.device)]
+
     def _put(self, key, value: torch.Tensor) -> None:
         self._cache[key] = value
         while len(self._cache) > KEEP:
             self._cache.popitem(last=False)
-
-
-def gumbel_choice(probs: torch.Tensor, g: torch.Tensor) -> int:
-    """argmax(log p + g): an exact sample of `probs` (zero-probability tokens never win)."""
-    return int((probs.log() + g).argmax())
 
 
 def draft_perturbation(noise: PositionNoise, temperature: float,
@@ -80,4 +82,4 @@ def draft_perturbation(noise: PositionNoise, temperature: float,
     return perturb
 
 
-__all__ = ["PositionNoise", "draft_perturbation", "gumbel_choice", "position_seed"]
+__all__ = ["PositionNoise", "draft_perturbation", "position_seed"]

@@ -10,8 +10,8 @@ from .candidates import LOOKUP, ORIGIN_NAMES
 from .drafting import TreeTensors
 from .events import DraftTree, Step
 from .target import Target
-from .noise import PositionNoise, gumbel_choice
-from .verify import SamplingConfig, target_probs
+from .noise import PositionNoise
+from .verify import SamplingConfig, coupled_choice, target_probs
 
 
 class Clock:
@@ -85,9 +85,8 @@ def first_token(logits: torch.Tensor, cfg: SamplingConfig, noise: PositionNoise 
     if cfg.greedy:
         tok = int(logits.argmax())
         return tok, float(torch.softmax(logits.float(), -1)[tok])
-    p = target_probs(logits.cpu(), cfg)
-    tok = gumbel_choice(p, noise.at(position))
-    return tok, float(p[tok])
+    tok = int(coupled_choice(logits, cfg, noise.at(position, logits.device)))
+    return tok, float(target_probs(logits, cfg)[tok])
 
 
 def sampling_noise(cfg: SamplingConfig, seed: int, vocab_size: int) -> PositionNoise | None:

@@ -5,9 +5,10 @@ same `target_probs`, which is what makes the sampling path lossless. At T > 0 th
 rules (`SamplingConfig.rule`):
 
 * "coupled" (the default): the target's choice at each position is the Gumbel-max sample
-  with that position's noise (`hass.noise`), exactly the draw plain decoding makes there,
-  and a child is accepted when it is that choice. The output equals plain sampling's for
-  the same seed, token for token.
+  with that position's noise (`hass.noise`, `coupled_choice`), exactly the draw plain
+  decoding makes there, and a child is accepted when it is that choice: the greedy rule on
+  the target's samples. The output equals plain sampling's for the same seed, token for
+  token.
 * "rejection": the multi-candidate rejection rule of method.md section 3 (each child a
   deterministic proposal): the output is distributed as plain sampling, not equal to it.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .noise import PositionNoise, gumbel_choice
+from .noise import PositionNoise
 
 RULES = ("coupled", "rejection")
 
@@ -82,6 +83,28 @@ class Verdict:
     path: list[int]
     bonus: int
     probs: list[float]   # target probability of each accepted draft token, then of the bonus
+    choice: list[int] | None = None   # per node, the target's token after it (None: not computed)
+
+
+def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max sample argmax(logits / T + g) of each row, among the tokens top-k and
+    top-p keep: an exact sample of `target_probs(logits, cfg)` (a softmax's normalisation does
+    not move the argmax). Plain decoding and verification both choose through here."""
+    scores = logits.float() / cfg.temperature + g.to(logits.device)
+    if cfg.top_k or cfg.top_p < 1.0:
+        scores = scores.masked_fill(target_probs(logits, cfg) == 0, float("-inf"))
+    return scores.argmax(-1)
+
+
+def _longest_path(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
+                  choice: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The longest path whose every token is `choice` at its parent: (node indices, root
+    first; its last node)."""
+    ok = torch.ones_like(tokens, dtype=torch.bool)
+    ok[1:] = tokens[1:] == choice[parents[1:]]
+    full = (anc & ~ok[None, :]).sum(-1) == 0                # every node on the way is accepted
+    last = int(torch.where(full, depths, -1).argmax())      # at most one fully accepted node per depth
+    return anc[last].nonzero().flatten(), last               # ascending index = root-to-node order
 
 
 def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
@@ -91,37 +114,25 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Ten
     tokens/parents/depths: [N]; anc: [N, N] ancestor mask; logits: [N, V] target logits per node.
     """
     argmax = logits.argmax(-1)
-    ok = torch.ones_like(tokens, dtype=torch.bool)
-    ok[1:] = tokens[1:] == argmax[parents[1:]]
-    full = (anc & ~ok[None, :]).sum(-1) == 0                # every node on the way is accepted
-    last = int(torch.where(full, depths, -1).argmax())      # at most one fully accepted node per depth
-    path = anc[last].nonzero().flatten()                     # ascending index = root-to-node order
+    path, last = _longest_path(tokens, parents, depths, anc, argmax)
     # row path[i] of the logits predicts the token after node path[i]: the next path token, then the bonus
     chosen = torch.cat((tokens[path[1:]], argmax[last:last + 1]))
     p = torch.softmax(logits[path].float(), -1).gather(-1, chosen[:, None])[:, 0]
-    return Verdict(path.tolist(), int(argmax[last]), p.tolist())
+    return Verdict(path.tolist(), int(argmax[last]), p.tolist(), argmax.tolist())
 
 
-def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,
-                   noise: PositionNoise, start: int) -> Verdict:
-    """Walk down the tree from the root (at sequence position `start`): at each node the
-    target chooses the next token as plain sampling does at that position (`gumbel_choice`
-    with the position's noise); move to the child holding that token, or stop and emit the
-    choice as the bonus. Only the rows on the path are turned into probabilities."""
-    plist, toks = parents.tolist(), tokens.tolist()
-    children: dict[int, dict[int, int]] = {}
-    for i in range(1, len(plist)):
-        children.setdefault(plist[i], {}).setdefault(toks[i], i)
-    node, path, out_p = 0, [0], []
-    while True:
-        p = target_probs(logits[node].cpu(), cfg)
-        x = gumbel_choice(p, noise.at(start + len(path)))
-        out_p.append(float(p[x]))
-        child = children.get(node, {}).get(x)
-        if child is None:
-            return Verdict(path, x, out_p)
-        node = child
-        path.append(child)
+def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
+                   logits: torch.Tensor, cfg: SamplingConfig, noise: PositionNoise, start: int) -> Verdict:
+    """The greedy rule on the target's samples: at every node the target chooses the token
+    at its position (the root sits at `start`, a node of depth d chooses position
+    start + d + 1) exactly as plain sampling chooses it there (`coupled_choice` with that
+    position's noise); the longest path of chosen tokens is accepted, and the choice after
+    it is the bonus."""
+    choice = coupled_choice(logits, cfg, noise.rows(start + 1 + depths, logits.device))
+    path, last = _longest_path(tokens, parents, depths, anc, choice)
+    chosen = torch.cat((tokens[path[1:]], choice[last:last + 1]))
+    p = target_probs(logits[path], cfg).gather(-1, chosen[:, None])[:, 0]
+    return Verdict(path.tolist(), int(choice[last]), p.tolist(), choice.tolist())
 
 
 def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,
@@ -172,5 +183,5 @@ def accept(cfg: SamplingConfig, tokens: torch.Tensor, parents: torch.Tensor, dep
     if cfg.greedy:
         return accept_greedy(tokens, parents, depths, anc, logits)
     if cfg.coupled:
-        return accept_coupled(tokens.cpu(), parents.cpu(), logits, cfg, noise, start)
+        return accept_coupled(tokens, parents, depths, anc, logits, cfg, noise, start)
     return accept_sampling(tokens.cpu(), parents.cpu(), logits.cpu(), cfg, gen)

@@ -492,6 +492,9 @@ def _equal_runs(target, draft_for, sampling, cfg, prompt, seeds=range(N_COUPLED)
         spec = list(speculative_generate(target, draft_for(), prompt, c))
         equal += _tokens(spec) == plain
         accepted += sum(s.accepted for s in spec)
+        for s in spec:          # the event's target choice after the path is the token emitted there
+            if s.kind == "speculative" and len(s.new_tokens) == len(s.path) and c.sampling.coupled:
+                assert s.target_choice[s.path[-1]] == s.new_tokens[-1]
     return equal, accepted
 
 
@@ -508,9 +511,12 @@ def test_coupled_sampling_emits_plain_sampling_tokens(small_target, oracle_draft
     assert accepted > N_COUPLED * (8 if kind == "oracle" else 1), f"{name}: too little accepted ({accepted})"
 
 
-def wrong_coupled_noise_one_early(tokens, parents, logits, cfg, noise, start):
+REAL_ACCEPT_COUPLED = hass.verify.accept_coupled
+
+
+def wrong_coupled_noise_one_early(tokens, parents, depths, anc, logits, cfg, noise, start):
     """Verification drawing each choice with the noise of the position before it."""
-    return hass.verify.__dict__["_real_accept_coupled"](tokens, parents, logits, cfg, noise, start - 1)
+    return REAL_ACCEPT_COUPLED(tokens, parents, depths, anc, logits, cfg, noise, start - 1)
 
 
 def test_equality_check_fails_for_rules_that_do_not_couple(small_target, oracle_draft, monkeypatch):
@@ -523,7 +529,6 @@ def test_equality_check_fails_for_rules_that_do_not_couple(small_target, oracle_
     equal, _ = _equal_runs(small_target, draft_for, dataclasses.replace(sampling, rule="rejection"), cfg, PROMPT)
     assert equal < N_COUPLED // 2, f"the rejection rule matched plain sampling on {equal} of {N_COUPLED} seeds"
 
-    monkeypatch.setattr(hass.verify, "_real_accept_coupled", hass.verify.accept_coupled, raising=False)
     monkeypatch.setattr(hass.verify, "accept_coupled", wrong_coupled_noise_one_early)
     equal, _ = _equal_runs(small_target, draft_for, sampling, cfg, PROMPT)
     assert equal < N_COUPLED // 2, f"the wrong noise position matched plain sampling on {equal} of {N_COUPLED} seeds"
