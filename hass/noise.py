@@ -21,7 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-KEEP = 256        # positions kept: a step needs its tree's depth + 1, plain decoding one
+# vectors kept (positions x devices, 0.2 MB each for a 49k vocabulary, per sample): a step
+# needs its tree's depth + 1 positions; an evicted one is drawn again, the same numbers
+KEEP = 32
 
 
 def position_seed(seed: int, position: int) -> int:
