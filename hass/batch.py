@@ -37,8 +37,8 @@ from .batch_draft import ExtendItem, GrowItem, make_drafter
 from .decode import GenerationConfig, speculative_generate
 from .drafting import TreeTensors
 from .propose import Proposer
-from .noise import PositionNoise, draft_perturbation
-from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources, sampling_noise
+from .noise import PositionNoise
+from .steps import Clock, Emitter, check_prompt, coupled_draft, event_tree, first_token, path_sources, sampling_noise
 from .events import Step, summarize
 from .packed import PackedCache, PackedPlan, Segment, packed_forward
 from .target import LAST, Target
@@ -215,20 +215,13 @@ def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: Generatio
     batch 1 does (`Proposer.tree`). Returns the trees, the growth and the whole draft time."""
     rooms = {r: samples[r].room(max_length) for r in live}
     grow = cfg.tree.depth if cfg.draft_source else 0
-    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, min(grow, rooms[r]), _perturb(cfg, samples[r], drafter))
-                          for r in live],
+    pools = drafter.grow([GrowItem(r, samples[r].root, samples[r].n, min(grow, rooms[r]),
+                                   coupled_draft(cfg.sampling, samples[r].noise, drafter.token_map)) for r in live],
                          cfg.tree.top_k, proposer.growth_limit)
     t_grow = clock.lap()
     share = t_grow / max(len(live), 1)
-    trees = {r: proposer.tree(pools[r], samples[r].history, share, rooms[r]) for r in live}
+    trees = {r: proposer.tree(pools[r], proposer.chain(samples[r].history), share, rooms[r]) for r in live}
     return trees, t_grow, t_grow + clock.lap()
-
-
-def _perturb(cfg: GenerationConfig, s: _Sample, drafter):
-    """The sample's coupled-sampling draft side (None unless coupled)."""
-    if not cfg.sampling.coupled:
-        return None
-    return draft_perturbation(s.noise, cfg.sampling.temperature, drafter.token_map)
 
 
 def _observe(proposer: Proposer, trees, verdicts, t_verify: float, t_grow: float) -> None:

@@ -17,8 +17,7 @@ from .draft import DraftHead
 from .drafting import Drafter
 from .events import Step
 from .propose import Proposer
-from .noise import draft_perturbation
-from .steps import Clock, Emitter, check_prompt, event_tree, first_token, path_sources, sampling_noise
+from .steps import Clock, Emitter, check_prompt, coupled_draft, event_tree, first_token, path_sources, sampling_noise
 from .target import LAST, Target
 from .tree import TreeConfig, ancestor_mask, is_chain, verify_mask
 from .verify import SamplingConfig, Verdict, accept
@@ -101,7 +100,7 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     dev = target.device
     em = Emitter(target, cfg, ids.shape[1])
     drafter = Drafter(draft, target.embed_tokens, target.lm_head)
-    perturb = draft_perturbation(noise, cfg.sampling.temperature, drafter.token_map) if cfg.sampling.coupled else None
+    perturb = coupled_draft(cfg.sampling, noise, drafter.token_map)
     proposer = Proposer.for_generation(target, cfg)
     cache = target.new_cache()
     clock = Clock(dev)
@@ -122,14 +121,15 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
     while step.stop_reason is None:
         # the root sits at position n; a path of k drafts puts the bonus at n + k + 1 < max_length
         room = min(target.max_length - 2 - n, em.remaining - 1)
-        drafting = cfg.draft_source and proposer.use_draft(history)
+        chain = proposer.chain(history)
+        drafting = cfg.draft_source and proposer.use_draft(chain)
         if drafting:
             pending.flush(drafter)
         t_extend = clock.lap()
         pool = drafter.grow(root, n, cfg.tree.top_k, min(cfg.tree.depth, room), proposer.growth_limit, perturb) \
             if drafting else Pool.empty(root, dev)
         t_grow = clock.lap()
-        tree = proposer.tree(pool, history, t_grow, room)
+        tree = proposer.tree(pool, chain, t_grow, room)
         t_draft = t_extend + t_grow + clock.lap()
         anc = ancestor_mask(tree.parents)
         # a chain (lookup-only or top-1 drafts, or the root alone) needs no tree mask: the model's

@@ -58,10 +58,9 @@ class PositionNoise:
 
     def rows(self, positions: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """[len(positions), vocab]: the noise of each position (a tree's nodes share few)."""
-        pos = positions.tolist()
-        uniq = sorted(set(pos))
-        table = torch.stack([self.at(p, device) for p in uniq])
-        return table[torch.tensor([uniq.index(p) for p in pos], device=table.device)]
+        uniq, where = positions.unique(return_inverse=True)
+        table = torch.stack([self.at(p, device) for p in uniq.tolist()])
+        return table[where.to(table.device)]
 
     def _put(self, key, value: torch.Tensor) -> None:
         self._cache[key] = value

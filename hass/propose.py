@@ -101,13 +101,20 @@ class Proposer:
         """EAGLE-2's cut: the best `total_tokens - 1` candidates, no cost curve needed."""
         return cls(Fitter(CostModel({1: 1.0})), total_tokens, lookup_cfg)
 
-    def use_draft(self, history: torch.Tensor | None = None) -> bool:
+    def chain(self, history: torch.Tensor | None) -> list[int]:
+        """The lookup source's continuation of `history` (context + root; [] when lookup is
+        off or finds nothing): found once per step, for `use_draft` and `tree`."""
+        if self.lookup is None or history is None:
+            return []
+        return lookup(history, self.lookup)
+
+    def use_draft(self, chain: list[int] = ()) -> bool:
         """Run the draft head this step? Always for fixed trees (EAGLE-2 as published), and
-        whenever lookup has nothing to propose for `history` (without the draft that step
-        would be a plain step); otherwise the gate decides, and learns from this step
-        (`observe`): both of its arms are measured on steps where lookup had a proposal."""
-        self._gated = self.gate is not None and history is not None and self.lookup is not None \
-            and bool(lookup(history, self.lookup))
+        whenever lookup has nothing to propose (the step's `chain` is empty: without the
+        draft that step would be a plain step); otherwise the gate decides, and learns from
+        this step (`observe`): both of its arms are measured on steps where lookup had a
+        proposal."""
+        self._gated = self.gate is not None and bool(chain)
         return not self._gated or self.gate.choose()
 
     @property
@@ -115,12 +122,11 @@ class Proposer:
         """The early stop for draft growth (fitted sizes only: a fixed tree grows fully)."""
         return self.fitter.keep_growing if self.total_tokens is None else None
 
-    def tree(self, pool: Pool, history: torch.Tensor | None = None, draft_s: float = 0.0,
-             max_depth: int = 64) -> TreeTensors:
-        """Merge the lookup continuation of `history` (context + root, at most `max_depth`
-        tokens: the context and budget limits) into `pool` and cut it."""
-        if self.lookup is not None and history is not None and max_depth > 0:
-            pool = merge_lookup(pool, lookup(history, self.lookup)[:max_depth])
+    def tree(self, pool: Pool, chain: list[int] = (), draft_s: float = 0.0, max_depth: int = 64) -> TreeTensors:
+        """Merge the lookup `chain` (`Proposer.chain`; at most `max_depth` tokens of it: the
+        context and budget limits) into `pool` and cut it."""
+        if chain and max_depth > 0:
+            pool = merge_lookup(pool, list(chain[:max_depth]))
         choice = self.fitter.select(pool, self.total_tokens, draft_s)
         dev = pool.tokens.device
         sel = choice.selected.to(dev)

@@ -10,7 +10,7 @@ from .candidates import LOOKUP, ORIGIN_NAMES
 from .drafting import TreeTensors
 from .events import DraftTree, Step
 from .target import Target
-from .noise import PositionNoise
+from .noise import PositionNoise, draft_perturbation
 from .verify import SamplingConfig, coupled_choice, target_probs
 
 
@@ -85,13 +85,20 @@ def first_token(logits: torch.Tensor, cfg: SamplingConfig, noise: PositionNoise 
     if cfg.greedy:
         tok = int(logits.argmax())
         return tok, float(torch.softmax(logits.float(), -1)[tok])
-    tok = int(coupled_choice(logits, cfg, noise.at(position, logits.device)))
-    return tok, float(target_probs(logits, cfg)[tok])
+    p = target_probs(logits, cfg)
+    tok = int(coupled_choice(logits, cfg, noise.at(position, logits.device), p))
+    return tok, float(p[tok])
 
 
 def sampling_noise(cfg: SamplingConfig, seed: int, vocab_size: int) -> PositionNoise | None:
     """The per-position noise of a stream (None when greedy: nothing is random)."""
     return None if cfg.greedy else PositionNoise(seed, vocab_size)
+
+
+def coupled_draft(cfg: SamplingConfig, noise: PositionNoise | None, token_map: torch.Tensor | None):
+    """The draft's side of coupled sampling for a stream (`hass.noise.draft_perturbation`),
+    None unless the rule is coupled and T > 0."""
+    return draft_perturbation(noise, cfg.temperature, token_map) if cfg.coupled else None
 
 
 def event_tree(t: TreeTensors, drafted: bool = True) -> DraftTree:
@@ -114,4 +121,5 @@ def path_sources(t: TreeTensors, path: list[int]) -> list[str]:
     return [f"{kinds[d]}@{d}" for d in range(1, len(path))] + ["bonus"]
 
 
-__all__ = ["Clock", "Emitter", "check_prompt", "event_tree", "first_token", "path_sources", "sampling_noise"]
+__all__ = ["Clock", "Emitter", "check_prompt", "event_tree", "first_token", "path_sources", "sampling_noise",
+           "coupled_draft"]

@@ -86,13 +86,21 @@ class Verdict:
     choice: list[int] | None = None   # per node, the target's token after it (None: not computed)
 
 
-def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor) -> torch.Tensor:
+def filtered(cfg: SamplingConfig) -> bool:
+    """Whether top-k or top-p removes tokens (so the kept set needs `target_probs`)."""
+    return bool(cfg.top_k) or cfg.top_p < 1.0
+
+
+def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
     """The Gumbel-max sample argmax(logits / T + g) of each row, among the tokens top-k and
     top-p keep: an exact sample of `target_probs(logits, cfg)` (a softmax's normalisation does
-    not move the argmax). Plain decoding and verification both choose through here."""
+    not move the argmax). Plain decoding and verification both choose through here; `probs`:
+    those probabilities when the caller has them already (only read when filtered)."""
     scores = logits.float() / cfg.temperature + g.to(logits.device)
-    if cfg.top_k or cfg.top_p < 1.0:
-        scores = scores.masked_fill(target_probs(logits, cfg) == 0, float("-inf"))
+    if filtered(cfg):
+        probs = target_probs(logits, cfg) if probs is None else probs
+        scores = scores.masked_fill(probs == 0, float("-inf"))
     return scores.argmax(-1)
 
 
@@ -128,10 +136,11 @@ def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Te
     start + d + 1) exactly as plain sampling chooses it there (`coupled_choice` with that
     position's noise); the longest path of chosen tokens is accepted, and the choice after
     it is the bonus."""
-    choice = coupled_choice(logits, cfg, noise.rows(start + 1 + depths, logits.device))
+    probs = target_probs(logits, cfg) if filtered(cfg) else None      # every row's kept set is needed then
+    choice = coupled_choice(logits, cfg, noise.rows(start + 1 + depths, logits.device), probs)
     path, last = _longest_path(tokens, parents, depths, anc, choice)
     chosen = torch.cat((tokens[path[1:]], choice[last:last + 1]))
-    p = target_probs(logits[path], cfg).gather(-1, chosen[:, None])[:, 0]
+    p = (target_probs(logits[path], cfg) if probs is None else probs[path]).gather(-1, chosen[:, None])[:, 0]
     return Verdict(path.tolist(), int(choice[last]), p.tolist(), choice.tolist())
 
 

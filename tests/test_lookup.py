@@ -313,11 +313,11 @@ def test_the_gate_is_asked_only_when_lookup_has_a_proposal():
     prop = Proposer(Fitter(CostModel({1: 1.0})), None, LookupConfig(), Never())
     fresh = torch.tensor([5, 6, 7, 8, 9])                   # no n-gram repeats: nothing to propose
     repeat = torch.tensor([5, 6, 7, 8, 5, 6])                # "5 6" seen before: lookup proposes 7 8 ...
-    assert prop.use_draft(fresh) is True and prop.gate.steps == 0
-    tree = prop.tree(Pool.empty(9, torch.device("cpu")), fresh)
+    assert prop.use_draft(prop.chain(fresh)) is True and prop.gate.steps == 0
+    tree = prop.tree(Pool.empty(9, torch.device("cpu")), prop.chain(fresh))
     prop.observe(tree, [0], 0.01, 0.0)
     assert prop.gate.seconds == {}                           # not learnt from
-    assert prop.use_draft(repeat) is False and prop.gate.steps == 1
-    tree = prop.tree(Pool.empty(6, torch.device("cpu")), repeat)
+    assert prop.use_draft(prop.chain(repeat)) is False and prop.gate.steps == 1
+    tree = prop.tree(Pool.empty(6, torch.device("cpu")), prop.chain(repeat))
     prop.observe(tree, [0], 0.01, 0.0)
     assert False in prop.gate.seconds                        # the lookup-alone arm learnt from it
