@@ -63,7 +63,7 @@ class LoopDrafter:
             self.drafters[it.row].extend(it.features[None], it.tokens[None], it.start)
 
     def grow(self, items: Sequence[GrowItem], top_k: int,
-             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> dict[int, Pool]:
+             keep_growing: Callable[[Growth], bool] | None = None) -> dict[int, Pool]:
         return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, keep_growing, it.perturb)
                 for it in items}
 
@@ -135,7 +135,7 @@ class BatchDrafter:
 
     @torch.inference_mode()
     def grow(self, items: Sequence[GrowItem], top_k: int,
-             keep_growing: Callable[[torch.Tensor], bool] | None = None) -> dict[int, Pool]:
+             keep_growing: Callable[[Growth], bool] | None = None) -> dict[int, Pool]:
         """EAGLE-2 growth per sample (`hass.candidates.Growth`, as batch 1), every depth one
         packed forward and one lm_head GEMM for all samples still growing."""
         pools: dict[int, Pool] = {}
@@ -157,7 +157,7 @@ class BatchDrafter:
         rows_of = {id(g): it.row for g, it in zip(growths, live)}
         while True:
             growing = [g for g in growths if g.grown < g.depth and (keep_growing is None or
-                                                                     keep_growing(g.frontier_scores()))]
+                                                                     keep_growing(g))]
             for g in growths:
                 if g not in growing:
                     g.depth = g.grown                  # stopped: never resumed in a later round

@@ -91,6 +91,11 @@ class Growth:
     def all_tok(self) -> torch.Tensor:
         return self._all_tok
 
+    @property
+    def all_score(self) -> torch.Tensor:
+        """Cumulative draft log-probs of every candidate so far."""
+        return self._all_score
+
     def frontier_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(parent features [kf, H], frontier tokens [kf], the frontier's mask over the
         expanded nodes incl. itself [kf, written + kf], rotary position) of the next depth."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .candidates import DRAFT, LOOKUP, Pool
+from .candidates import DRAFT, LOOKUP, Growth, Pool
 from .tree import best
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,6 @@ class CostModel:
     curve: dict[int, float]
     scale: float = 1.0
     level_s: float | None = None
-    rate: float | None = None          # tokens per second of recent steps
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
@@ -158,17 +157,13 @@ class CostModel:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return (y0 + (n - x0) * (y1 - y0) / (x1 - x0)).clamp(min=float(ys[0]) * 0.5) * self.scale
 
-    def observe(self, nodes: int, verify_s: float, levels: int, draft_s: float, tokens: int) -> None:
+    def observe(self, nodes: int, verify_s: float, levels: int, draft_s: float) -> None:
         if verify_s > 0:
             ratio = verify_s / float(self.verify(nodes) / self.scale)
             self.scale += self.alpha * (ratio - self.scale)
         if levels > 0 and draft_s > 0:
             per = draft_s / levels
             self.level_s = per if self.level_s is None else self.level_s + self.alpha * (per - self.level_s)
-        total = verify_s + draft_s
-        if total > 0:
-            r = tokens / total
-            self.rate = r if self.rate is None else self.rate + self.alpha * (r - self.rate)
 
 
 @dataclass
@@ -190,13 +185,32 @@ class Fitter:
     calibrator: Calibrator = field(default_factory=Calibrator)
     max_nodes: int = 64
 
-    def keep_growing(self, frontier_scores: torch.Tensor) -> bool:
-        """Another draft depth can add at most the frontier's summed values in tokens; worth
-        it only if that beats what the depth costs at the recent rate."""
-        if self.cost.level_s is None or self.cost.rate is None:
+    def keep_growing(self, growth: Growth) -> bool:
+        """Draft one more depth only if the best tree after it could beat the best tree now.
+
+        Now: R0 = max_n E(n) / (D + c(n + 1)) over the candidates so far (values best first;
+        D: the depths drafted so far at the recent seconds per depth). Another depth costs
+        `level_s` and adds children whose values add up to at most their parent's (at most
+        one child is on the path), each one more node to verify; so m of them add at most
+        S_m, the m best frontier values, and R1 <= max over n, m of
+        (E(n) + S_m) / (D + level_s + c(n + m + 1)). Where a bigger verify costs more than
+        the draft's doubtful children can bring (a weak draft on a CPU whose verify cost
+        climbs from 2 rows on), growth stops instead of drafting depths no tree will use."""
+        if self.cost.level_s is None:
             return True
-        gain = float(self.calibrator.draft_values(frontier_scores).sum())
-        return gain > self.cost.level_s * self.cost.rate
+        cal, cost = self.calibrator, self.cost
+        v = torch.sort(cal.draft_values(growth.all_score), descending=True).values
+        m = min(int(v.numel()), self.max_nodes - 1)
+        gains = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), v[:m].cumsum(0)))       # E(n), n = 0..m
+        sizes = torch.arange(1, m + 2, dtype=torch.float64)
+        drafted = cost.level_s * max(growth.grown - 1, 0)
+        now = float((gains / (drafted + cost.verify(sizes))).max())
+        f = torch.sort(cal.draft_values(growth.frontier_scores()), descending=True).values
+        extra = f.cumsum(0)                                                                   # S_m, m = 1..kf
+        more = torch.arange(1, extra.numel() + 1, dtype=torch.float64)
+        nodes = (sizes[:, None] + more[None]).clamp(max=self.max_nodes)
+        after = (gains[:, None] + extra[None]) / (drafted + cost.level_s + cost.verify(nodes))
+        return bool(after.max() > now)
 
     def select(self, pool: Pool, total_tokens: int | None, draft_s: float = 0.0) -> Choice:
         """The nodes to verify: the best `total_tokens - 1` (fixed), or the count that

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .candidates import DRAFT, LookupConfig, Pool, lookup, merge_lookup
+from .candidates import DRAFT, Growth, LookupConfig, Pool, lookup, merge_lookup
 from .drafting import TreeTensors
 from .fit import CostModel, Fitter, make_fitter
 from .tree import remap_parents
@@ -118,7 +118,7 @@ class Proposer:
         return not self._gated or self.gate.choose()
 
     @property
-    def growth_limit(self) -> Callable[[torch.Tensor], bool] | None:
+    def growth_limit(self) -> Callable[[Growth], bool] | None:
         """The early stop for draft growth (fitted sizes only: a fixed tree grows fully)."""
         return self.fitter.keep_growing if self.total_tokens is None else None
 
@@ -157,7 +157,7 @@ class Proposer:
             self.fitter.calibrator.update(pool, tree.pool_index.cpu()[1:], on_path[1:], bonus)
         draft_depths = pool.depths[(pool.origin & DRAFT) > 0]
         levels = int(draft_depths.max()) if draft_depths.numel() else 0
-        self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s, len(path))
+        self.fitter.cost.observe(int(tree.tokens.shape[0]), verify_s, levels, grow_s)
         if self._gated:
             self.gate.observe(levels > 0, len(path), verify_s + draft_s)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hass.batch import run_batch
-from hass.candidates import DRAFT, LOOKUP, LookupConfig, Pool, lookup, merge_lookup
+from hass.candidates import DRAFT, LOOKUP, Growth, LookupConfig, Pool, lookup, merge_lookup
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
 from hass.events import summarize
 from hass.fit import Calibrator, CostModel, Fitter, monotone
@@ -94,6 +94,28 @@ def test_fitted_cut_maximises_expected_tokens_per_second():
     assert len(fitter.select(pool, None).selected) == 3               # cheap nodes, likely accepted: all
     steep = Fitter(CostModel({1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}))
     assert len(steep.select(pool, None).selected) == 0                # a node costs more than it yields
+
+
+def _growth(top_logp: float) -> Growth:
+    """A growth after its first depth: 4 children of the root, the best with log-prob `top_logp`."""
+    logp = torch.full((16,), -9.0)
+    logp[:4] = torch.tensor([top_logp, -3.0, -3.5, -4.0])
+    return Growth(0, 5, 4, 4, torch.zeros(8), logp, lambda t: t)
+
+
+def test_growth_stops_where_no_tree_could_use_another_depth():
+    flat = {1: 1.0, 2: 1.0, 4: 1.02, 8: 1.05, 16: 1.1, 64: 1.5}    # a verify costs about one step up to 16 nodes
+    steep = {1: 1.0, 2: 1.0, 3: 1.3, 4: 1.35, 8: 1.45, 64: 3.0}     # from 3 nodes on, 30 % more
+    confident, doubtful = _growth(-0.05), _growth(-1.4)
+    for curve, growth, want in ((flat, confident, True), (flat, doubtful, True),
+                                (steep, confident, True), (steep, doubtful, False)):
+        fitter = Fitter(CostModel(curve))
+        assert fitter.keep_growing(growth)                   # no draft time seen yet: grow
+        fitter.cost.level_s = 0.1                            # a depth costs a tenth of a plain step
+        assert fitter.keep_growing(growth) == want, (curve, growth.all_score[0])
+    costly = Fitter(CostModel(flat))
+    costly.cost.level_s = 2.0                                # negative control: a depth dearer than a step
+    assert not costly.keep_growing(confident)
 
 
 def _chain_pool(chain: list[int]) -> Pool:
