@@ -1,4 +1,4 @@
-"""The command line: `python -m hass <command> ...` (generate, prepare, compare-features, train, eval-draft, export, cost)."""
+"""The command line: `python -m hass <command> ...` (generate, prepare, compare-features, train, eval-draft, replay, export, cost, ...)."""
 from __future__ import annotations
 
 import argparse
@@ -193,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tree_args(e)
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
+
+    rp = sub.add_parser("replay", help="greedy tau of fixed tree cuts replayed from one pass over the plain "
+                        "text, and the ceiling of the draft's candidates (what a cut that knew the answer accepts)")
+    _add_model_args(rp)
+    rp.add_argument("--draft", required=True, help="draft folder, 'hass', 'eagle2' or 'none'")
+    rp.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
+    rp.add_argument("--questions", default="4,3,3",
+                    help="first N questions of each set, or one count per set (default: the issues' 4,3,3)")
+    rp.add_argument("--max-new-tokens", type=int, default=128)
+    rp.add_argument("--depth", type=int, default=6, help="draft growth depth")
+    rp.add_argument("--top-k", type=int, default=10, help="children per expanded node")
+    rp.add_argument("--totals", default="8,16,32,60", help="tree sizes (nodes incl. the root) to replay EAGLE-2's cut at")
+    rp.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
     cv = sub.add_parser("curve", help="tau of every snapshot of a training run (how tau grew with training time)")
     _add_model_args(cv)
@@ -706,6 +719,42 @@ def cmd_eval_draft(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from tqdm import tqdm
+
+    from .assets import resolve_draft
+    from .evalsets import load_set
+    from .replay import record, replay_report
+    from .tree import TreeConfig
+    try:
+        totals = sorted({int(x) for x in args.totals.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--totals: whole numbers expected, got {args.totals!r}") from None
+    for t in totals or [0]:
+        TreeConfig(t, args.depth, args.top_k).validate()
+    counts = _per_set_counts([x for x in args.sets.split(",") if x], args.questions)
+    target = _load_target(args)
+    draft, label = resolve_draft(args.draft, target)
+    questions = [(name, q) for name, n in counts.items() for q in load_set(name, n)]
+    recordings: dict[str, list] = {name: [] for name in counts}
+    for name, q in tqdm(questions, desc="replay: plain answer + draft pools", unit="prompt"):
+        ids = target.render([{"role": "user", "content": q.turns[0]}])
+        recordings[name].append(record(target, draft, ids, args.max_new_tokens, args.depth, args.top_k))
+    report = {"draft": label, "growth": [args.depth, args.top_k], "questions_per_set": counts,
+              "max_new_tokens": args.max_new_tokens, "command": "python -m hass " + " ".join(args.argv)}
+    report.update(replay_report(recordings, totals))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    labels = [str(t) for t in totals] + ["ceiling"]
+    print(f"greedy tau of EAGLE-2's cut per tree size (growth {args.depth}/{args.top_k}, draft {label}), "
+          "and the ceiling of the draft's candidates")
+    print(f"{'set':>10}  " + "  ".join(f"{x:>8}" for x in labels))
+    for name, row in list(report["sets"].items()) + [("mean", {"tau": report["mean_tau"]})]:
+        print(f"{name:>10}  " + "  ".join(f"{row['tau'][x]:8.3f}" for x in labels))
+    return 0
+
+
 def cmd_curve(args) -> int:
     from .evaluate import curve_table, training_curve
     from .tree import TreeConfig
@@ -843,6 +892,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"card": cmd_card, "compare-features": cmd_compare_features, "export": cmd_export, "curve": cmd_curve, "distill": cmd_distill, "generate": cmd_generate, "prepare": cmd_prepare, "train": cmd_train, "eval-draft": cmd_eval_draft,
+            "replay": cmd_replay,
             "bench": cmd_bench, "tune": cmd_tune, "cost": cmd_cost, "batch": cmd_batch}
 
 
