@@ -36,9 +36,11 @@ space-check: setup
 
 # The studio's race of plain vs HASS as a new user meets it: an empty HASS_CACHE, Chromium
 # clicking the Race tab, the verdicts read off the page (runs/race-check.json)
+# (RACE_FLAGS: e.g. "--temperature 1 --runs 1"; RACE_OUT: the JSON written)
 RACE_PROMPT ?= Explain in three sentences why the sky is blue.
+RACE_OUT ?= runs/race-check.json
 race-check: setup browser
-	$(BIN)/python tools/race_check.py --prompt "$(RACE_PROMPT)" --out runs/race-check.json
+	$(BIN)/python tools/race_check.py --prompt "$(RACE_PROMPT)" --out $(RACE_OUT) $(RACE_FLAGS)
 
 clean-cache:
 	rm -rf $${HASS_CACHE:-$$HOME/.cache/hass-studio}/models
@@ -220,6 +222,12 @@ eval-shipped: setup
 		$(BIN)/python -m hass eval-draft --draft $(DRAFTS)/smollm2-135m-$$d --heldout $(DATA)/distill-heldout-$(MAX_LEN) \
 			$(TAU_FLAGS) --out $(RUNS)/shipped-$$d-eval.json; \
 	done
+
+# greedy tau of EAGLE-2's cut at four tree sizes and the ceiling of the candidates (`hass replay`,
+# the issues' 4 + 3 + 3 prompts, growth 6/10), for both shipped drafts (~3 min each on a CPU)
+.PHONY: replay-shipped
+replay-shipped: setup
+	for d in hass eagle2; do $(BIN)/python -m hass replay --draft $$d --out $(RUNS)/replay-shipped-$$d.json || exit 1; done
 
 # knob 4: the shipped HASS draft over the whole vocabulary instead of its 8k token map
 eval-full-vocab: setup

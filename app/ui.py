@@ -163,7 +163,8 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                                 draft_btn = gr.Button("Use draft", scale=1, elem_id="hs-draft-use")
                             settings_status = gr.Markdown(f"draft: **{draft_label}**", elem_id="hs-settings-status")
                             with gr.Row():
-                                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)",
+                                                        elem_id="hs-temperature")
                                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
                                 max_new = gr.Number(256, label="Max new tokens", precision=0, elem_id="hs-max-new")
                             with gr.Row():

@@ -72,12 +72,23 @@ def race(page, prompt: str, timeout_s: float) -> str:
     raise SystemExit(f"no verdict within {timeout_s:.0f} s (last status: {text!r})")
 
 
+def set_temperature(page, value: float) -> None:
+    """The chat tab's temperature (the race takes the chat's sampling settings)."""
+    page.locator("#hs-settings").get_by_text("Settings").first.click()
+    box = page.locator("#hs-temperature input[type=number]")
+    box.fill(f"{value:g}")
+    box.press("Tab")
+    page.locator("#hs-settings").get_by_text("Settings").first.click()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
     p.add_argument("--runs", type=int, default=3, help="races one after the other (the first on the fresh cache)")
     p.add_argument("--out", type=Path, default=Path("runs/race-check.json"))
     p.add_argument("--timeout", type=float, default=300, help="seconds a race may take")
+    p.add_argument("--temperature", type=float, default=0.0, help="the studio's temperature setting for the races "
+                   "(above 0 both sides sample with one seed: coupled sampling makes them write the same tokens)")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 page.set_default_timeout(120_000)
                 page.goto(f"http://127.0.0.1:{port}")
                 page.wait_for_selector("#hs-msg textarea")
+                if args.temperature:
+                    set_temperature(page, args.temperature)
                 page.get_by_role("tab", name="Race / A-B").click()
                 page.wait_for_selector("#hs-race-prompt textarea")
                 for i in range(args.runs):
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=30)
     ratios = [float(next(g for g in m.groups() if g)) for v in verdicts if (m := re.search(RATIO, v))]
-    report = {"prompt": args.prompt, "verdicts": verdicts, "speedups": ratios, "cpu": platform.processor() or
+    report = {"prompt": args.prompt, "temperature": args.temperature, "verdicts": verdicts, "speedups": ratios, "cpu": platform.processor() or
               platform.machine(), "load_average_before": load_before, "load_average_after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
