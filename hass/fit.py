@@ -136,7 +136,8 @@ class Calibrator:
 @dataclass
 class CostModel:
     """Seconds of a verify forward over n nodes: the measured curve times an online scale,
-    and the seconds of one draft depth, both followed with moving averages."""
+    and the seconds of one draft depth past the first (a draft forward), both followed
+    with moving averages."""
 
     curve: dict[int, float]
     scale: float = 1.0
@@ -161,8 +162,8 @@ class CostModel:
         if verify_s > 0:
             ratio = verify_s / float(self.verify(nodes) / self.scale)
             self.scale += self.alpha * (ratio - self.scale)
-        if levels > 0 and draft_s > 0:
-            per = draft_s / levels
+        if levels > 1 and draft_s > 0:        # the first depth needs no draft forward (the root's output has it)
+            per = draft_s / (levels - 1)
             self.level_s = per if self.level_s is None else self.level_s + self.alpha * (per - self.level_s)
 
 
