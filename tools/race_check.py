@@ -7,7 +7,9 @@
 3. Each race's verdict is read from the page when it ends (the studio's own words: "HASS
    (…): 1.31× faster than plain · plain 4.1 s vs HASS 3.1 s for the same 55 new tokens"),
    printed, and written with the machine's load average to `--out` (JSON).
-Exit status 0 when every race ended with a verdict, whatever it says.
+`--temperature T` sets the studio's temperature first (at T > 0 both sides sample with one
+seed, and coupled sampling makes them write the same tokens: the verdict says whether the
+token ids were identical). Exit status 0 when every race ended with a verdict, whatever it says.
 """
 from __future__ import annotations
 
