@@ -23,7 +23,7 @@ def _drafts(target, prompt, oracle_draft, random_draft):
 def test_replayed_cut_takes_the_steps_of_speculative_decoding(tiny_target, random_draft, oracle_draft, prompts,
                                                              shape):
     accepted_somewhere = False
-    for prompt in prompts(4, tiny_target.vocab_size, 3, 12, seed=7):
+    for prompt in prompts(3, tiny_target.vocab_size, 3, 12, seed=7):
         for name, draft in _drafts(tiny_target, prompt, oracle_draft, random_draft).items():
             steps = list(speculative_generate(tiny_target, draft, prompt, GenerationConfig(max_new_tokens=NEW, tree=shape)))
             s = summarize(steps)
