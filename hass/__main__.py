@@ -32,6 +32,11 @@ def _load_target(args):
                        kernels=getattr(args, "kernels", "auto"))
 
 
+def _command_line(args) -> str:
+    """The command that reproduces this run, quoted for a shell (written into reports)."""
+    return "python -m hass " + shlex.join(args.argv)
+
+
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--total-tokens", type=int, default=None,
                    help="draft tree nodes incl. the root (default: the device profile from `tune`, else 60)")
@@ -446,7 +451,7 @@ def cmd_bench(args) -> int:
                           "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target, trees)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m hass " + shlex.join(args.argv),
+              "command": _command_line(args),
               "settings": {"model": target.source, "sets": args.sets, "limit": args.limit,
                            "max_new_tokens": args.max_new_tokens, "trees": trees,
                            "methods": list(runners)}}
@@ -741,7 +746,7 @@ def cmd_replay(args) -> int:
         ids = target.render([{"role": "user", "content": q.turns[0]}])
         recordings[name].append(record(target, draft, ids, args.max_new_tokens, args.depth, args.top_k))
     report = {"draft": label, "growth": [args.depth, args.top_k], "questions_per_set": counts,
-              "max_new_tokens": args.max_new_tokens, "command": "python -m hass " + " ".join(args.argv)}
+              "max_new_tokens": args.max_new_tokens, "command": _command_line(args)}
     report.update(replay_report(recordings, totals))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -845,7 +850,7 @@ def cmd_batch(args) -> int:
         logging.getLogger("hass").info("greedy outputs identical across runs: %s", same)
     if args.out or args.markdown:
         from .batch import batch_markdown
-        doc = {"command": "python -m hass " + shlex.join(args.argv), "cpu": _cpu_name(), "threads": _threads(),
+        doc = {"command": _command_line(args), "cpu": _cpu_name(), "threads": _threads(),
                "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
                "kernels": target.kernels, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "load_avg_before": load_before, "load_avg_after": _load_avg(), "draft": draft_label,

@@ -200,12 +200,11 @@ def _verdict(cfg: GenerationConfig, s: _Sample, tree: TreeTensors, anc: torch.Te
     return accept(cfg.sampling, tree.tokens, tree.parents, tree.depths, anc, logits, s.n, s.noise, s.gen)
 
 
-def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict, logits: torch.Tensor) -> Step:
+def _spec_step(s: _Sample, tree: TreeTensors, verdict: Verdict) -> Step:
     path = verdict.path
     new = tree.tokens[torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)].tolist() + [verdict.bonus]
     return s.emitter.step("speculative", event_tree(tree), path, new, path_sources(tree, path), verdict.probs,
-                          {"draft": 0.0, "verify": 0.0, "other": 0.0},
-                          verdict.choice if verdict.choice is not None else logits.argmax(-1).tolist())
+                          {"draft": 0.0, "verify": 0.0, "other": 0.0}, verdict.choice)
 
 
 def _trees(drafter, proposer: Proposer, samples, live: list[int], cfg: GenerationConfig, max_length: int,
@@ -324,7 +323,7 @@ def _judge(cfg, samples, trees, ancs, outputs):
     for r, (lg, ft) in outputs.items():
         s, tree = samples[r], trees[r]
         verdicts[r] = _verdict(cfg, s, tree, ancs[r], lg)
-        st = _spec_step(s, tree, verdicts[r], lg)
+        st = _spec_step(s, tree, verdicts[r])
         steps[s.index] = st
         if st.stop_reason is None:
             extend.append(_extend_item(r, s, ft, tree, verdicts[r]))

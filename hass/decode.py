@@ -143,10 +143,9 @@ def _speculative(target: Target, draft: DraftHead, ids: torch.Tensor, cfg: Gener
         compact(cache, n, path)
         new = tree.tokens[path[1:]].tolist() + [verdict.bonus]
         proposer.observe(tree, verdict.path, t_verify, t_grow, t_draft, verdict.bonus)
-        choice = verdict.choice if verdict.choice is not None else logits[0].argmax(-1).tolist()
         t_other = clock.lap()
         step = em.step("speculative", event_tree(tree, drafting), verdict.path, new, path_sources(tree, verdict.path),
-                       verdict.probs, {"draft": t_draft, "verify": t_verify, "other": t_other}, choice)
+                       verdict.probs, {"draft": t_draft, "verify": t_verify, "other": t_other}, verdict.choice)
         if step.stop_reason is None and cfg.draft_source:
             pending.add(feats[:, path], torch.cat((tree.tokens[path[1:]], torch.tensor([verdict.bonus], device=dev)))[None])
         n += len(verdict.path)

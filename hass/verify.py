@@ -188,9 +188,12 @@ def accept(cfg: SamplingConfig, tokens: torch.Tensor, parents: torch.Tensor, dep
            anc: torch.Tensor, logits: torch.Tensor, start: int, noise: PositionNoise | None,
            gen: torch.Generator | None) -> Verdict:
     """The verdict on one verified tree (root at sequence position `start`; logits [N, V],
-    one row per node) under the sampling settings: greedy, coupled or rejection."""
+    one row per node) under the sampling settings: greedy, coupled or rejection. The verdict's
+    `choice` is the target's token after every node; the rejection rule draws no such token
+    per node, so its verdicts carry the target's greedy one."""
     if cfg.greedy:
         return accept_greedy(tokens, parents, depths, anc, logits)
     if cfg.coupled:
         return accept_coupled(tokens, parents, depths, anc, logits, cfg, noise, start)
-    return accept_sampling(tokens.cpu(), parents.cpu(), logits.cpu(), cfg, gen)
+    v = accept_sampling(tokens.cpu(), parents.cpu(), logits.cpu(), cfg, gen)
+    return Verdict(v.path, v.bonus, v.probs, logits.argmax(-1).tolist())
