@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 DRAFT_EDGES = (-0.05, -0.15, -0.3, -0.5, -0.8, -1.2, -1.7, -2.3, -3.0, -4.0, -5.5, -8.0)
 COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 COST_PREFIX = 128
-# Rounds of the first-use curve (every size once per round; per-size medians). On a noisy
-# 2-core CPU three rounds put c(2) / c(1) anywhere from 0.82 to 1.27 and c(8) / c(1) from
-# 1.11 to 1.74 over four fresh measurements; five kept them within 1.07-1.12 and 1.37-1.55.
-# The online scale corrects the curve's level, never its shape, so the shape must be right.
-COST_ROUNDS = 5
 
 
 class Calibrator:
@@ -269,34 +264,26 @@ def cost_curve_path(target) -> Path:
 
 def load_cost_curve(target, measure: bool = True) -> dict[int, float]:
     """This machine's verify cost curve for the target, made monotone (`monotone`): from the
-    cache, else measured now (a few seconds: `COST_ROUNDS` rounds) and cached (the medians as
-    measured). A cached curve of fewer rounds is measured again when `measure` allows."""
+    cache, else measured now (a few seconds) and cached (the medians as measured)."""
     path = cost_curve_path(target)
-    cached: dict[int, float] = {}
     if path.is_file():
         try:
             d = json.loads(path.read_text())
             curve = {int(k): float(v) for k, v in d["verify_s"].items()}
             if curve and all(v > 0 for v in curve.values()):
-                cached = monotone(curve)
-                rounds = int(d.get("rounds", 3))      # curves cached before COST_ROUNDS had three
-                if rounds >= COST_ROUNDS or not measure:
-                    return cached
-                log.info("measuring the verify cost curve again: the cached one took %d rounds, "
-                         "too few for a stable shape (%d now)", rounds, COST_ROUNDS)
+                return monotone(curve)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             log.warning("ignoring unreadable cost curve %s: %s", path, exc)
     if not measure:
-        return cached
+        return {}
     from .cost import verify_costs
     prefix = min(COST_PREFIX, target.max_length - max(COST_SIZES) - 2)
     sizes = [n for n in COST_SIZES if prefix + n + 1 < target.max_length]
     log.info("measuring this machine's verify cost curve (once; cached in %s)", path)
-    curve = verify_costs(target, max(prefix, 1), sizes, repeats=COST_ROUNDS)
+    curve = verify_costs(target, max(prefix, 1), sizes, repeats=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"prefix": prefix, "rounds": COST_ROUNDS,
-                               "verify_s": {str(k): v for k, v in curve.items()},
+    tmp.write_text(json.dumps({"prefix": prefix, "verify_s": {str(k): v for k, v in curve.items()},
                                "relative": {str(k): v / curve[min(curve)] for k, v in curve.items()}}, indent=2))
     os.replace(tmp, path)
     return monotone(curve)

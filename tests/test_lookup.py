@@ -184,39 +184,6 @@ def test_a_cached_cost_curve_with_a_dip_is_used_monotone(tmp_path, monkeypatch):
     assert curve[2] == curve[4] == curve[8] == pytest.approx((0.073 + 0.065 + 0.058) / 3)
 
 
-def test_a_cost_curve_of_too_few_rounds_is_measured_again(tmp_path, monkeypatch):
-    """Three rounds put the first-use curve's shape anywhere on a noisy CPU (fit.COST_ROUNDS):
-    a curve cached with fewer rounds is measured again with COST_ROUNDS when measuring is
-    allowed, read as it is when not; a curve of enough rounds is never measured again."""
-    import json
-    from types import SimpleNamespace
-
-    import hass.cost as cost_mod
-    import hass.fit as fit_mod
-    path = tmp_path / "costs" / "c.json"
-    path.parent.mkdir()
-    monkeypatch.setattr(fit_mod, "cost_curve_path", lambda target: path)
-    calls = []
-
-    def fake_verify_costs(target, prefix, sizes, repeats=5):
-        calls.append(repeats)
-        return {n: 0.05 + 0.01 * n for n in sizes}
-
-    monkeypatch.setattr(cost_mod, "verify_costs", fake_verify_costs)
-    target = SimpleNamespace(max_length=2048)
-    old = {"verify_s": {"1": 0.08, "2": 0.068, "4": 0.082}}            # an old file: no "rounds" (three)
-    path.write_text(json.dumps(old))
-    assert fit_mod.load_cost_curve(target, measure=False) == fit_mod.monotone({1: 0.08, 2: 0.068, 4: 0.082})
-    assert calls == []
-    curve = fit_mod.load_cost_curve(target)
-    assert calls == [fit_mod.COST_ROUNDS] and curve[2] == pytest.approx(0.07)
-    assert json.loads(path.read_text())["rounds"] == fit_mod.COST_ROUNDS
-    assert fit_mod.load_cost_curve(target) == curve and calls == [fit_mod.COST_ROUNDS]   # cached: not again
-    path.write_text(json.dumps({**old, "rounds": fit_mod.COST_ROUNDS}))
-    assert fit_mod.load_cost_curve(target)[2] == fit_mod.monotone({1: 0.08, 2: 0.068, 4: 0.082})[2]
-    assert len(calls) == 1
-
-
 def test_lookup_values_learn_places_past_the_cut_and_stop_where_copying_stops():
     curve = {1: 1.0, 2: 1.05, 4: 1.15, 8: 1.35, 16: 2.0}
     pool = _chain_pool(list(range(1, 11)))                       # a 10-token chain, tokens = places
