@@ -78,6 +78,20 @@ GPU_TITLE ?= Benchmarks on a GPU (one NVIDIA H200, fp32)
 gpu-doc: setup
 	$(BIN)/python -m visual.report docs/gpu/bench.json --html runs/gpu-report.html --markdown docs/GPU.md --title "$(GPU_TITLE)"
 
+# docs/BENCHMARKS-AVX2.md: the issues' bench (fresh cache, no tree flags, T = 0 and 1) on a CPU with
+# AVX2 only (no AVX-512, no native bf16; the class a free Space may be given), from the run's JSON
+# kept in docs/avx2/bench.json. Refuses to run on another CPU class: the page is about this one.
+AVX2_TITLE ?= Benchmarks on a CPU with AVX2 only (no AVX-512, no native bf16)
+avx2-doc: setup
+	$(BIN)/python -c 'import sys; from hass.device import cpu_description as d; s = d(); \
+		sys.exit(0 if "AVX2, no AVX-512" in s else "not an AVX2-only CPU: " + s)'
+	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
+		--methods plain,hass,hf-prompt-lookup --max-new-tokens 128 --temperature 0 1 --out runs/bench-avx2 --no-report \
+		--note "fresh cache (an empty HASS_CACHE made by make avx2-doc)"; \
+		status=$$?; rm -rf $$fresh; exit $$status
+	mkdir -p docs/avx2 && cp runs/bench-avx2/bench.json docs/avx2/bench.json
+	$(BIN)/python -m visual.report docs/avx2/bench.json --markdown docs/BENCHMARKS-AVX2.md --title "$(AVX2_TITLE)"
+
 # The same at the product's settings on prompts nothing was tuned or decided on: questions 4-6
 # of each set (`--skip 3`) -> docs/BENCHMARKS-UNSEEN.md
 benchmarks-unseen: setup
@@ -95,7 +109,7 @@ batch-doc: setup
 		--limit 11 --max-prompts 32 --method sequential,ems,padded --batch-size 4,8 --max-new-tokens 64 --warmup \
 		--out runs/batch --markdown docs/BATCH.md
 
-.PHONY: benchmarks benchmarks-fresh benchmarks-unseen batch-doc gpu-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
+.PHONY: benchmarks benchmarks-fresh benchmarks-unseen batch-doc gpu-doc avx2-doc curve prepare drafts draft-hass draft-eagle2 eval-drafts prepare-2 drafts-2 draft-hass-2 draft-eagle2-2
 
 prepare: setup
 	$(BIN)/python -m hass prepare --out $(DATA)/sharegpt-train-$(MAX_LEN) --limit $(PREP_LIMIT) --max-len $(MAX_LEN)

@@ -492,14 +492,8 @@ def _threads() -> int:
 
 
 def _cpu_name() -> str:
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .device import cpu_description
+    return cpu_description()
 
 
 def _html_report(bench_json: Path) -> Path | None:

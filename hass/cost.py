@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .device import cpu_description
 from .target import LAST, load_target
 from .tree import ancestor_mask, verify_mask
 
@@ -52,6 +53,9 @@ def measure_costs(spec: str, device: str, dtype: str, sizes: list[int], prefix: 
     dev = target.device
     report["device"], report["dtype"] = str(dev), str(target.dtype).removeprefix("torch.")
     report["kernels"] = target.kernels
+    report["threads"] = torch.get_num_threads()
+    if dev.type == "cpu":
+        report["cpu"] = cpu_description()
     g = torch.Generator().manual_seed(0)
     if prefix + max(sizes) + 1 >= target.max_length:
         raise ValueError(f"prefix + tree size must stay below the context ({target.max_length})")
@@ -105,6 +109,8 @@ def verify_costs(target, prefix: int, sizes: list[int], repeats: int = 5) -> dic
 
 def format_costs(r: dict) -> str:
     lines = [f"model {r['model']} on {r['device']} ({r['dtype']}, {r.get('kernels', 'stock')} kernels)"]
+    if "cpu" in r:
+        lines.append(f"cpu: {r['cpu']}, {r.get('threads', '?')} torch threads")
     if "load_cold_s" in r:
         lines.append(f"load: cold {r['load_cold_s']:.1f}s (dequantise + cache), cached {r['load_cached_s']:.1f}s")
     else:

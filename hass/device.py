@@ -46,15 +46,49 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def _cpuinfo(text: str | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`text` instead of reading it; {} where
+    there is none): the first speaks for all."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = (s.strip() for s in line.split(":", 1))
+            fields.setdefault(key, value)
+    return fields
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 matmul
     is many times faster than fp32 for the draft's small, wide products."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return bool(BF16_FLAGS & set(_cpuinfo().get("flags", "").split()))
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU in the words its speed here depends on: the model name, the family and model
+    ("AMD EPYC" alone may be a Zen 3 or a Zen 4, which verify a draft tree at very different
+    costs), its widest vector instructions and whether it computes bf16 natively, e.g.
+    'AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native)'. `cpuinfo`: the text
+    of /proc/cpuinfo (read when None); without one, the platform's processor name."""
+    import platform
+    fields = _cpuinfo(cpuinfo)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    if not flags:                                  # not x86 (or no cpuinfo): the name is all we know
+        return name
+    where = ", ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+                      if key in fields)
+    widest = ("AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags
+              else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    bf16 = "bf16 native" if flags & BF16_FLAGS else "bf16 not native"
+    return f"{name} ({where + '; ' if where else ''}{widest}; {bf16})"
 
 
 def resolve_feature_dtype(dtype: str, device: str, kept: str | None = None) -> str:
