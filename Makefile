@@ -90,7 +90,7 @@ avx2-doc: setup
 		--note "fresh cache (an empty HASS_CACHE made by make avx2-doc)"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 	mkdir -p docs/avx2 && cp runs/bench-avx2/bench.json docs/avx2/bench.json
-	$(BIN)/python -m visual.report docs/avx2/bench.json --markdown docs/BENCHMARKS-AVX2.md --title "$(AVX2_TITLE)"
+	$(BIN)/python -m visual.report docs/avx2/bench.json --html runs/avx2-report.html --markdown docs/BENCHMARKS-AVX2.md --title "$(AVX2_TITLE)"
 
 # The same at the product's settings on prompts nothing was tuned or decided on: questions 4-6
 # of each set (`--skip 3`) -> docs/BENCHMARKS-UNSEEN.md

@@ -111,6 +111,22 @@ def test_report_page_names_its_title_source_and_accelerator(tmp_path):
     assert "(None)" not in report_markdown(cpu, None, Path("docs/BENCHMARKS.md"))
 
 
+@pytest.mark.parametrize("page, source", [("docs/GPU.md", "docs/gpu/bench.json"),
+                                          ("docs/BENCHMARKS-AVX2.md", "docs/avx2/bench.json")])
+def test_a_page_kept_with_its_json_is_what_its_command_writes(page, source):
+    """Pages whose bench.json is kept in the repo (`make gpu-doc`, `make avx2-doc`) must equal
+    what visual.report writes from that JSON today: a hand edit, or a JSON replaced without
+    regenerating its page, fails here."""
+    import json
+    from pathlib import Path
+    from visual.report import report_markdown
+    root = Path(__file__).resolve().parent.parent
+    text = (root / page).read_text()
+    title = text.splitlines()[0].removeprefix("# ")
+    bench = json.loads((root / source).read_text())
+    assert report_markdown(bench, None, Path(page), title, source) == text
+
+
 def test_bench_at_temperature_checks_coupled_methods_token_for_token(tiny_folder, prompts_file, tmp_path, capsys):
     """At T > 0 plain and coupled speculative decoding draw the same tokens for a seed: the
     bench checks it (transformers' sampler is not coupled: no check). --skip drops each
