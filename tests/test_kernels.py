@@ -38,6 +38,11 @@ def test_packed_linear_matches_f_linear(dtype, bias):
             got = packed(x)
         assert got.shape == (*shape[:-1], 200) and got.dtype == dtype
         torch.testing.assert_close(got.float(), F.linear(x, lin.weight, lin.bias).float(), **tol)
+    x = torch.randn(2, 96, 3).to(dtype).transpose(1, 2)             # a non-contiguous [2, 3, 96] view
+    with torch.inference_mode():
+        got = packed(x)
+    assert got.shape == (2, 3, 200)
+    torch.testing.assert_close(got.float(), F.linear(x, lin.weight, lin.bias).float(), **tol)
 
 
 @needs_onednn
