@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hass.device import cpu_description  # noqa: E402  (the repo's own package, beside this tool)
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -40,10 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(cache: Path, port: int, log: Path, startup_s: float = 600) -> subprocess.Popen:
+def start_app(cache: Path, port: int, log: Path, startup_s: float = 600, threads: int = 0) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("HASS_PUBLIC", "HASS_MODEL", "HASS_DRAFT", "SPACE_ID")}
     env.update(HASS_CACHE=str(cache), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+    flags = ["--threads", str(threads)] if threads > 0 else []
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < startup_s:
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds a race may take")
     p.add_argument("--temperature", type=float, default=0.0, help="the studio's temperature setting for the races "
                    "(above 0 both sides sample with one seed: coupled sampling makes them write the same tokens)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the app (`app.py --threads`; "
+                   "0 = the app's default: every usable core but one, left to the web server)")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         port = free_port()
         load_before = os.getloadavg()
-        proc = start_app(work / "cache", port, work / "app.log")
+        proc = start_app(work / "cache", port, work / "app.log", threads=args.threads)
         verdicts = []
         try:
             with sync_playwright() as pw:
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=30)
     ratios = [float(next(g for g in m.groups() if g)) for v in verdicts if (m := re.search(RATIO, v))]
-    report = {"prompt": args.prompt, "temperature": args.temperature, "verdicts": verdicts, "speedups": ratios, "cpu": platform.processor() or
-              platform.machine(), "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    report = {"prompt": args.prompt, "temperature": args.temperature, "verdicts": verdicts, "speedups": ratios,
+              "cpu": cpu_description(), "app_threads": args.threads or "the app's default",
+              "load_average_before": load_before, "load_average_after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"[race-check] speedups {', '.join(f'{r:.2f}x' for r in ratios)}; written to {args.out}")
