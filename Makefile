@@ -240,8 +240,11 @@ eval-shipped: setup
 # greedy tau of EAGLE-2's cut at four tree sizes and the ceiling of the candidates (`hass replay`,
 # the issues' 4 + 3 + 3 prompts, growth 6/10), for both shipped drafts (~3 min each on a CPU)
 .PHONY: replay-shipped
+REPLAY_TEMPERATURES ?= 0 1
 replay-shipped: setup
-	for d in hass eagle2; do $(BIN)/python -m hass replay --draft $$d --out $(RUNS)/replay-shipped-$$d.json || exit 1; done
+	for d in hass eagle2; do for t in $(REPLAY_TEMPERATURES); do \
+		$(BIN)/python -m hass replay --draft $$d --temperature $$t --out $(RUNS)/replay-shipped-$$d-t$$t.json || exit 1; \
+	done; done
 
 # knob 4: the shipped HASS draft over the whole vocabulary instead of its 8k token map
 eval-full-vocab: setup

@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
-    rp = sub.add_parser("replay", help="greedy tau of fixed tree cuts replayed from one pass over the plain "
-                        "text, and the ceiling of the draft's candidates (what a cut that knew the answer accepts)")
+    rp = sub.add_parser("replay", help="tau of fixed tree cuts replayed from one pass over the plain text "
+                        "(greedy, or sampled under coupled sampling), and the ceiling of the draft's candidates "
+                        "(what a cut that knew the answer accepts)")
     _add_model_args(rp)
     rp.add_argument("--draft", required=True, help="draft folder, 'hass', 'eagle2' or 'none'")
     rp.add_argument("--sets", default="mt_bench,humaneval,gsm8k")
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--depth", type=int, default=6, help="draft growth depth")
     rp.add_argument("--top-k", type=int, default=10, help="children per expanded node")
     rp.add_argument("--totals", default="8,16,32,60", help="tree sizes (nodes incl. the root) to replay EAGLE-2's cut at")
+    rp.add_argument("--temperature", type=float, default=0.0,
+                    help="above 0: the plain answer sampled under coupled sampling, seeded by the prompt's "
+                         "index in its set (as eval-draft seeds it)")
     rp.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
 
     cv = sub.add_parser("curve", help="tau of every snapshot of a training run (how tau grew with training time)")
@@ -725,28 +729,33 @@ def cmd_replay(args) -> int:
     from .evalsets import load_set
     from .replay import record, replay_report
     from .tree import TreeConfig
+    from .verify import SamplingConfig
     try:
         totals = sorted({int(x) for x in args.totals.split(",") if x.strip()})
     except ValueError:
         raise SystemExit(f"--totals: whole numbers expected, got {args.totals!r}") from None
     for t in totals or [0]:
         TreeConfig(t, args.depth, args.top_k).validate()
+    sampling = SamplingConfig(temperature=args.temperature).validate()
     counts = _per_set_counts([x for x in args.sets.split(",") if x], args.questions)
     target = _load_target(args)
     draft, label = resolve_draft(args.draft, target)
-    questions = [(name, q) for name, n in counts.items() for q in load_set(name, n)]
+    questions = [(name, i, q) for name, n in counts.items() for i, q in enumerate(load_set(name, n))]
     recordings: dict[str, list] = {name: [] for name in counts}
-    for name, q in tqdm(questions, desc="replay: plain answer + draft pools", unit="prompt"):
+    for name, i, q in tqdm(questions, desc="replay: plain answer + draft pools", unit="prompt"):
         ids = target.render([{"role": "user", "content": q.turns[0]}])
-        recordings[name].append(record(target, draft, ids, args.max_new_tokens, args.depth, args.top_k))
+        recordings[name].append(record(target, draft, ids, args.max_new_tokens, args.depth, args.top_k,
+                                       sampling, seed=i))
     report = {"draft": label, "growth": [args.depth, args.top_k], "questions_per_set": counts,
-              "max_new_tokens": args.max_new_tokens, "command": _command_line(args)}
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "command": _command_line(args)}
     report.update(replay_report(recordings, totals))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     labels = [str(t) for t in totals] + ["ceiling"]
-    print(f"greedy tau of EAGLE-2's cut per tree size (growth {args.depth}/{args.top_k}, draft {label}), "
+    how = "greedy" if sampling.greedy else f"T = {args.temperature:g}, coupled sampling,"
+    print(f"{how} tau of EAGLE-2's cut per tree size (growth {args.depth}/{args.top_k}, draft {label}), "
           "and the ceiling of the draft's candidates")
     print(f"{'set':>10}  " + "  ".join(f"{x:>8}" for x in labels))
     for name, row in list(report["sets"].items()) + [("mean", {"tau": report["mean_tau"]})]:

@@ -9,6 +9,7 @@ from hass.decode import GenerationConfig, speculative_generate
 from hass.events import summarize
 from hass.replay import Candidates, ceiling_cut, eagle2_cut, on_continuation, record, replay, replay_report
 from hass.tree import TreeConfig
+from hass.verify import SamplingConfig
 
 SHAPES = [TreeConfig(8, 3, 3), TreeConfig(20, 5, 4), TreeConfig(2, 1, 1)]
 NEW = 24
@@ -35,6 +36,32 @@ def test_replayed_cut_takes_the_steps_of_speculative_decoding(tiny_target, rando
             ceiling = replay(rec, ceiling_cut)
             assert ceiling[0] / ceiling[1] >= tokens / cycles - 1e-12
     assert accepted_somewhere                      # the oracle drafts did accept deep paths
+
+
+@pytest.mark.parametrize("temperature", [0.8, 1.3])
+def test_replay_under_coupled_sampling_takes_the_steps_of_speculative_decoding(tiny_target, random_draft,
+                                                                             oracle_draft, prompts, temperature):
+    """At T > 0 the plain sampled text of a seed fixes every step of coupled speculative
+    decoding as the greedy text does at T = 0; a greedy recording (negative control) does not."""
+    shape, sampling = TreeConfig(8, 3, 3), SamplingConfig(temperature=temperature)
+    differs = False
+    for seed, prompt in enumerate(prompts(2, tiny_target.vocab_size, 3, 12, seed=11)):
+        for name, draft in _drafts(tiny_target, prompt, oracle_draft, random_draft).items():
+            cfg = GenerationConfig(max_new_tokens=NEW, tree=shape, sampling=sampling, seed=seed)
+            steps = list(speculative_generate(tiny_target, draft, prompt, cfg))
+            s = summarize(steps)
+            rec = record(tiny_target, draft, prompt, NEW, shape.depth, shape.top_k, sampling, seed)
+            assert rec.answer == [t for st in steps for t in st.new_tokens]
+            assert replay(rec, eagle2_cut(shape.total_tokens)) == (s.new_tokens - 1, s.cycles), (name, seed)
+            greedy = record(tiny_target, draft, prompt, NEW, shape.depth, shape.top_k)
+            differs |= greedy.answer != rec.answer
+    assert differs
+
+
+def test_replay_refuses_the_rejection_rule(tiny_target, random_draft, prompts):
+    prompt = prompts(1, tiny_target.vocab_size, 3, 8, seed=2)[0]
+    with pytest.raises(ValueError, match="coupled"):
+        record(tiny_target, random_draft, prompt, 8, 3, 3, SamplingConfig(temperature=1.0, rule="rejection"))
 
 
 def test_replay_tells_cuts_apart_and_keeping_everything_is_the_ceiling(tiny_target, oracle_draft, prompts):
