@@ -237,8 +237,9 @@ eval-shipped: setup
 			$(TAU_FLAGS) --out $(RUNS)/shipped-$$d-eval.json; \
 	done
 
-# greedy tau of EAGLE-2's cut at four tree sizes and the ceiling of the candidates (`hass replay`,
-# the issues' 4 + 3 + 3 prompts, growth 6/10), for both shipped drafts (~3 min each on a CPU)
+# tau of EAGLE-2's cut at four tree sizes and the ceiling of the candidates (`hass replay`, the
+# issues' 4 + 3 + 3 prompts, growth 6/10), for both shipped drafts at T = 0 and T = 1 (coupled
+# sampling; ~2.5 min per draft and temperature on a CPU)
 .PHONY: replay-shipped
 REPLAY_TEMPERATURES ?= 0 1
 replay-shipped: setup
