@@ -9,7 +9,9 @@
    printed, and written with the machine's load average to `--out` (JSON).
 `--temperature T` sets the studio's temperature first (at T > 0 both sides sample with one
 seed, and coupled sampling makes them write the same tokens: the verdict says whether the
-token ids were identical). Exit status 0 when every race ended with a verdict, whatever it says.
+token ids were identical). `--threads N` starts the app with N torch threads instead of its
+default (every usable core but one). Exit status 0 when every race ended with a verdict,
+whatever it says.
 """
 from __future__ import annotations
 
