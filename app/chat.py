@@ -600,6 +600,21 @@ def header_markdown(studio: Studio, session: Session | None = None) -> str:
             f"**{draft_label(studio, session)}**" + studio.weights_note())
 
 
+def machine_markdown(studio: Studio) -> str:
+    """What this studio runs on (the About tab): the speedup depends on the machine's class
+    more than on anything else (README), so a visitor of a Space sees which one they got."""
+    import torch
+
+    from hass.device import cpu_description
+    dev = studio.target.device
+    where = (f"{torch.cuda.get_device_name(dev)} ({dev})" if dev.type == "cuda" else
+             f"{cpu_description()}, {torch.get_num_threads()} torch "
+             f"thread{'s' if torch.get_num_threads() != 1 else ''}" if dev.type == "cpu" else str(dev))
+    return (f"**This studio runs on** {_esc(where)}. On a CPU with AVX2 only (no AVX-512) checking a few "
+            "draft tokens costs noticeably more than one plain step, so an answer needs a higher τ to gain; "
+            "the Cost panel shows this machine's own curve.")
+
+
 def set_draft(studio: Studio, session: Session, choice: str, path: str = ""):
     """Draft dropdown / path: load it for this session (a failure keeps the previous one)."""
     session = session if session is not None else Session()

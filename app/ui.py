@@ -277,6 +277,7 @@ def build(studio: Studio, manager: TrainingManager | None = None) -> gr.Blocks:
                 batch_view.build(studio, state, {"concurrency_limit": 1, "concurrency_id": DECODE})
 
             with gr.Tab("About", id="about"):
+                gr.Markdown(chat.machine_markdown(studio), elem_id="hs-machine")
                 gr.Markdown(ABOUT)
                 gr.HTML(legend_html(include_series=True))
 

@@ -352,6 +352,22 @@ def test_about_promises_no_figure_and_points_at_the_cost_panel():
     assert "0.80× the speed of plain: plain is 1.25× faster" in about and "× slower" not in about
 
 
+def test_about_names_the_machine_the_studio_runs_on(monkeypatch):
+    """A visitor of a Space sees which CPU class they got: the speedup depends on it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import hass.device as device
+    from app.chat import machine_markdown
+    monkeypatch.setattr(device, "cpu_description",
+                        lambda: "AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native)")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    text = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"))))
+    assert "AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native), 1 torch thread." in text
+    assert "Cost panel" in text
+
+
 # -- 4. consistent labels -----------------------------------------------------------------------------
 def test_labels_follow_the_draft_and_the_answer(open_page, script, studio_app, story_target, tmp_path):
     from hass.draft import new_draft, save_draft
