@@ -610,9 +610,9 @@ def machine_markdown(studio: Studio) -> str:
     where = (f"{torch.cuda.get_device_name(dev)} ({dev})" if dev.type == "cuda" else
              f"{cpu_description()}, {torch.get_num_threads()} torch "
              f"thread{'s' if torch.get_num_threads() != 1 else ''}" if dev.type == "cpu" else str(dev))
-    return (f"**This studio runs on** {_esc(where)}. On a CPU with AVX2 only (no AVX-512) checking a few "
-            "draft tokens costs noticeably more than one plain step, so an answer needs a higher τ to gain; "
-            "the Cost panel shows this machine's own curve.")
+    cpu_note = (" On a CPU with AVX2 only (no AVX-512) checking a few draft tokens costs noticeably more "
+                "than one plain step, so an answer needs a higher τ to gain." if dev.type == "cpu" else "")
+    return f"**This studio runs on** {_esc(where)}.{cpu_note} The Cost panel shows this machine's own curve."
 
 
 def set_draft(studio: Studio, session: Session, choice: str, path: str = ""):
