@@ -186,6 +186,13 @@ class Fitter:
     calibrator: Calibrator = field(default_factory=Calibrator)
     max_nodes: int = 64
 
+    def _expected(self, ranked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E(n) = 1 + the sum of the n best values (`ranked`: best first), n = 0 .. m with at
+        most max_nodes nodes in all, and the node counts n + 1 (the root included)."""
+        m = min(int(ranked.numel()), self.max_nodes - 1)
+        gains = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), ranked[:m].cumsum(0)))
+        return gains, torch.arange(1, m + 2, dtype=torch.float64)
+
     def keep_growing(self, growth: Growth) -> bool:
         """Draft one more depth only if the best tree after it could beat the best tree now.
 
@@ -200,10 +207,7 @@ class Fitter:
         if self.cost.level_s is None:
             return True
         cal, cost = self.calibrator, self.cost
-        v = torch.sort(cal.draft_values(growth.all_score), descending=True).values
-        m = min(int(v.numel()), self.max_nodes - 1)
-        gains = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), v[:m].cumsum(0)))       # E(n), n = 0..m
-        sizes = torch.arange(1, m + 2, dtype=torch.float64)
+        gains, sizes = self._expected(torch.sort(cal.draft_values(growth.all_score), descending=True).values)
         drafted = cost.level_s * max(growth.grown - 1, 0)
         now = float((gains / (drafted + cost.verify(sizes))).max())
         f = torch.sort(cal.draft_values(growth.frontier_scores()), descending=True).values
@@ -227,9 +231,7 @@ class Fitter:
         if total_tokens is not None:
             n, rule = min(total_tokens - 1, len(pool)), "fixed"
         else:
-            m = min(len(pool), self.max_nodes - 1)
-            expected = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), v[order[:m]].cumsum(0)))
-            sizes = torch.arange(1, m + 2, dtype=torch.float64)          # nodes incl. the root
+            expected, sizes = self._expected(v[order])
             rate = expected / (draft_s + self.cost.verify(sizes))
             n, rule = int(rate.argmax()), "fitted"
         sel = order[:n].sort().values
