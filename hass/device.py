@@ -51,7 +51,8 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 def _cpuinfo(text: str | None = None) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (`text` instead of reading it; {} where
-    there is none): the first speaks for all."""
+    there is none): the first speaks for all, so parsing stops at the blank line after it
+    (a container on a large host sees every one of the host's cores)."""
     if text is None:
         try:
             text = Path("/proc/cpuinfo").read_text()
@@ -59,6 +60,8 @@ def _cpuinfo(text: str | None = None) -> dict[str, str]:
             return {}
     fields: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip() and fields:
+            break
         if ":" in line:
             key, value = (s.strip() for s in line.split(":", 1))
             fields.setdefault(key, value)
