@@ -19,9 +19,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto (CUDA bf16/fp16, else fp32) | fp32 | fp16 | bf16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
-    p.add_argument("--kernels", default="auto", choices=("auto", "stock", "onednn"),
+    p.add_argument("--kernels", default="auto", choices=("auto", "stock", "onednn", "rows"),
                    help="matmul kernels of the target's linear layers: auto (oneDNN with packed weights on a "
-                   "CPU, else stock) | stock (torch's default BLAS) | onednn")
+                   "CPU, else stock) | stock (torch's default BLAS) | onednn | rows (the project's streaming "
+                   "AVX2 kernel, compiled on first use with the system's C compiler; see hass/rowkernel.py)")
 
 
 def _load_target(args):
@@ -251,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip", type=int, default=0, help="skip each set's first N questions (e.g. prompts never "
                    "used to tune or decide anything)")
     b.add_argument("--methods", default=",".join(("plain", "hass", "eagle2", "hf-generate", "hf-prompt-lookup")),
-                   help="comma list; also plain-stock: plain decoding with torch's stock matmul kernels on a "
-                   "second copy of the target (the gain of --kernels, measured side by side)")
+                   help="comma list; also plain-stock / plain-onednn / plain-rows: plain decoding on a second "
+                   "copy of the target with those matmul kernels (the gain of --kernels, measured side by side)")
     b.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="extra draft methods")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, nargs="+", default=[0.0])
@@ -418,11 +419,12 @@ def cmd_bench(args) -> int:
                                                rule="rejection" if name == "hass-rejection" else "coupled")
         elif name in ("hf-generate", "hf-prompt-lookup"):
             runners[name] = bench.hf_runner(target, prompt_lookup=name == "hf-prompt-lookup")
-        elif name == "plain-stock":
+        elif name in ("plain-stock", "plain-onednn", "plain-rows"):
             from .target import load_target
-            stock = target if target.kernels == "stock" else load_target(
-                args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, kernels="stock")
-            runners[name] = bench.plain_runner(stock)
+            kernels = name.removeprefix("plain-")
+            other = target if target.kernels == kernels else load_target(
+                args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, kernels=kernels)
+            runners[name] = bench.plain_runner(other)
         else:
             known = ", ".join(bench.BUILTIN_METHODS + bench.OPTIONAL_METHODS)
             raise ValueError(f"unknown method {name!r} (known: {known}, or --draft NAME=DIR)")

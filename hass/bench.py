@@ -27,7 +27,7 @@ BUILTIN_METHODS = ("plain", "hass", "hass-draft", "lookup", "eagle2", "hass-reje
                    "hf-prompt-lookup")
 # opt-in: plain decoding on a second copy of the target with torch's stock matmul kernels,
 # so the gain of the packed oneDNN kernels is measured side by side, like everything else
-OPTIONAL_METHODS = ("plain-stock",)
+OPTIONAL_METHODS = ("plain-stock", "plain-onednn", "plain-rows")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
 
-from .kernels import PackedLinear, can_pack
+from .kernels import PackedLinear
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -169,10 +169,11 @@ class OutputHead:
             self.bias = None if self.bias is None else self.bias.detach().to(dtype)
         # `pack`: multiply through oneDNN with a packed copy (inference only; see hass.kernels)
         self._linear = None
+        layer = type(lm_head) if isinstance(lm_head, PackedLinear) else PackedLinear   # the target's kernel
         if pack and isinstance(lm_head, PackedLinear) and self.weight is w:
             self._linear = lm_head                               # the target's own packed head, as it is
-        elif pack and can_pack(self.weight):
-            self._linear = PackedLinear.of(self.weight, self.bias)
+        elif pack and layer.fits(self.weight):
+            self._linear = layer.of(self.weight, self.bias)
 
     @property
     def size(self) -> int:

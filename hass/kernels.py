@@ -12,7 +12,8 @@ BLAS only in rounding order, as any change of kernel or row count does.
 `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that shares the
 same weight parameter (so tied embeddings stay tied and `state_dict` is unchanged) and
 keeps the packed copy beside it. Anything that is not a plain CPU inference product
-(autograd, another device, a failed pack) runs the stock `F.linear`.
+(autograd, another device, a failed pack) runs the stock `F.linear`. `RowsLinear` is the same
+layer on the project's own streaming kernel (`hass.rowkernel`, `--kernels rows`).
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rowkernel import pack_rows, rows_linear, rows_unavailable
+
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "stock", "onednn")
+KERNELS = ("auto", "stock", "onednn", "rows")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -51,6 +54,13 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> s
     """'auto' takes oneDNN for CPU fp32/bf16 models when the build has it, else the stock kernels."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r} (use {', '.join(KERNELS)})")
+    if kernels == "rows":
+        why = (f"a CPU model in fp32 (here: {device.type}, {dtype})"
+               if device.type != "cpu" or dtype != torch.float32 else rows_unavailable())
+        if why:
+            raise ValueError(f"kernels 'rows' need {why}" if why.startswith("a CPU") else
+                             f"kernels 'rows' are not available here: {why}")
+        return kernels
     usable = device.type == "cpu" and dtype in packable_dtypes() and onednn_available()
     if kernels == "onednn" and not usable:
         raise ValueError(f"kernels 'onednn' need a CPU model in fp32 (bf16 where the CPU has oneDNN's bf16 path) "
@@ -63,6 +73,24 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> s
 
 class PackedLinear(nn.Linear):
     """An `nn.Linear` that multiplies by a oneDNN-packed copy of its (shared, frozen) weight."""
+
+    kind = "onednn"
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        """Whether this kernel can multiply by `weight` here."""
+        return can_pack(weight)
+
+    @staticmethod
+    def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    def product(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the op takes [..., in] as it is and returns [..., out]: no reshape / view around it
+        # (a fresh view costs the op ~10 us of bookkeeping a call, ~210 calls a forward: timed
+        # ad hoc on the 2-core AMD EPYC; the products are bit for bit the same)
+        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, bias,
+                                                  "none", [], "")
 
     packed: torch.Tensor | None = None
     packed_dtype: torch.dtype | None = None
@@ -90,7 +118,7 @@ class PackedLinear(nn.Linear):
     def repack(self) -> None:
         """Pack the current weight (again: an in-place change of the weight bumps its version)."""
         w = self.weight
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        self.packed = self.pack_weight(w)
         self.packed_dtype = w.dtype
         object.__setattr__(self, "_packed_of", w)     # a plain attribute: not registered a second time
         # inference tensors (made under inference_mode, e.g. a token-map slice) have no version counter
@@ -112,11 +140,29 @@ class PackedLinear(nn.Linear):
             self.repack()
             packed = self.packed
         bias = params["bias"] if "bias" in params else self._buffers.get("bias")     # None: no bias
-        # the op takes [..., in] as it is and returns [..., out]: no reshape / view around it
-        # (a fresh view costs the op ~10 us of bookkeeping a call, ~210 calls a forward: timed
-        # ad hoc on the 2-core AMD EPYC; the products are bit for bit the same)
-        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, bias,
-                                                  "none", [], "")
+        return self.product(x, packed, bias)
+
+
+class RowsLinear(PackedLinear):
+    """A `PackedLinear` on the streaming 'rows' kernel (`hass.rowkernel`): fp32, eight output
+    columns per packed block, each row's product independent of how many rows come along."""
+
+    kind = "rows"
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+                and weight.shape[0] % 8 == 0 and rows_unavailable() is None)
+
+    @staticmethod
+    def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+        return pack_rows(weight)
+
+    def product(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return rows_linear(x, packed, None if bias is None else bias.contiguous(), self.out_features)
+
+
+LAYERS = {"onednn": PackedLinear, "rows": RowsLinear}
 
 
 def linear_bytes(model: nn.Module) -> int:
@@ -153,38 +199,40 @@ def apply_kernels(model: nn.Module, kernels: str, device: torch.device, dtype: t
     if kern == "onednn" and kernels == "auto" and not pack_fits(model):
         log.info("not packing the weights for oneDNN: a second copy would not fit in free memory")
         return "stock"
-    if kern == "onednn" and not pack_linears(model):
+    if kern in LAYERS and not pack_linears(model, LAYERS[kern]):
         return "stock"
     return kern
 
 
 def follow_target(draft: nn.Module, lm_head: nn.Module) -> bool:
     """Run a draft on the kernels of its target: when the target's head is packed, pack the
-    draft's linear layers too (idempotent) and return True, so its head is packed as well."""
+    draft's linear layers with the same kernel (idempotent) and return True, so its head is
+    packed as well."""
     if not isinstance(lm_head, PackedLinear):
         return False
-    pack_linears(draft)
+    pack_linears(draft, type(lm_head))
     return True
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace the model's `nn.Linear`s by `PackedLinear`s in place; return how many.
+def pack_linears(model: nn.Module, layer: type[PackedLinear] = PackedLinear) -> int:
+    """Replace the model's `nn.Linear`s by `layer`s (`PackedLinear`: oneDNN, `RowsLinear`:
+    the rows kernel) in place, where that kernel fits the weight; return how many.
 
     Each packed layer is checked against `F.linear` on a random input once; if packing fails
     or disagrees beyond fp rounding, the model is left with its stock layers and 0 returned.
     """
-    names = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and can_pack(mod.weight)]
+    names = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and layer.fits(mod.weight)]
     swapped: list[tuple[str, nn.Linear]] = []
     try:
         for name, mod in names:
-            packed = PackedLinear.wrap(mod)
+            packed = layer.wrap(mod)
             _check(packed)
             model.set_submodule(name, packed)
             swapped.append((name, mod))
     except Exception as exc:                      # noqa: BLE001 - any failure means: keep the stock kernels
         for name, mod in swapped:
             model.set_submodule(name, mod)
-        log.warning("oneDNN packing failed (%s: %s); using the stock kernels", type(exc).__name__, exc)
+        log.warning("packing for %s failed (%s: %s); using the stock kernels", layer.kind, type(exc).__name__, exc)
         return 0
     return len(swapped)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hass import kernels as K
+from hass import rowkernel as R
 from hass.__main__ import main
 from hass.decode import GenerationConfig, plain_generate, speculative_generate
 from hass.target import load_target
@@ -184,3 +185,102 @@ def test_auto_does_not_pack_what_would_not_fit(tiny_folder, monkeypatch):
     assert load_target(str(tiny_folder), kernels="onednn").kernels == "onednn"   # asked for: done
     monkeypatch.setattr(K, "memory_available", lambda: None)        # unknown: pack
     assert load_target(str(tiny_folder)).kernels == "onednn"
+
+
+# -- the rows kernel (hass.rowkernel, `--kernels rows`) ------------------------------------------
+
+needs_rows = pytest.mark.skipif(R.rows_unavailable() is not None,
+                                reason=f"the rows kernel is not available here: {R.rows_unavailable()}")
+
+
+@needs_rows
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_matches_a_float64_reference(bias):
+    """Every row count the tiling treats differently (1-3, 4, 5-6, 7-12, more than 12, a
+    narrower last column group), odd input widths, 3-D and non-contiguous inputs."""
+    torch.manual_seed(0)
+    for n, k in [(200, 96), (8, 13), (24, 7), (40, 1)]:
+        lin = nn.Linear(k, n, bias=bias).requires_grad_(False)
+        layer = K.RowsLinear.wrap(lin)
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 25):
+            x = torch.randn(rows, k)
+            with torch.inference_mode():
+                got = layer(x)
+            want = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+            assert got.shape == (rows, n) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    lin = nn.Linear(96, 200, bias=bias).requires_grad_(False)
+    x = torch.randn(2, 96, 3).transpose(1, 2)              # a non-contiguous [2, 3, 96] view
+    with torch.inference_mode():
+        got = K.RowsLinear.wrap(lin)(x)
+    assert got.shape == (2, 3, 200)
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_rows
+def test_rows_linear_gives_each_row_the_one_row_product_bit_for_bit():
+    """The kernel's promise: row i of an M-row product equals the one-row product of row i
+    exactly, for every M and thread count. (oneDNN's blocked kernels make no such promise.)"""
+    torch.manual_seed(1)
+    lin = nn.Linear(576, 1536).requires_grad_(False)
+    layer = K.RowsLinear.wrap(lin)
+    x = torch.randn(20, 576)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+            for m in (2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 20):
+                assert torch.equal(layer(x[:m]), alone[:m]), m
+            torch.set_num_threads(2)
+            assert torch.equal(layer(x), alone)
+            # the negative control: another order of the same sums (float64 then rounded) differs
+            other = F.linear(x.double(), lin.weight.double(), lin.bias.double()).float()
+            assert not torch.equal(other, alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_rows
+def test_rows_kernels_decode_as_the_others(make_target, oracle_draft, prompts, run):
+    """A target on the rows kernel: its linear layers swapped (the weights shared), a draft
+    following it onto the same kernel, and greedy output equal to the stock kernels' for
+    plain and speculative decoding."""
+    from hass.draft import new_draft
+    from hass.drafting import Drafter
+    stock, rows = make_target(kernels="stock"), make_target(kernels="rows")
+    assert rows.kernels == "rows"
+    layers = [m for m in rows.model.modules() if isinstance(m, nn.Linear)]
+    assert layers and all(isinstance(m, K.RowsLinear) for m in layers)
+    draft = new_draft(rows.config, seed=0, token_map=torch.arange(0, 128, 2)).eval()
+    drafter = Drafter(draft, rows.embed_tokens, rows.lm_head)
+    assert all(isinstance(m, K.RowsLinear) for m in draft.modules() if isinstance(m, nn.Linear))
+    assert isinstance(drafter.head._linear, K.RowsLinear)
+    cfg = GenerationConfig(max_new_tokens=16, tree=TreeConfig(16, 4, 4), stop_at_eos=False)
+    for p in prompts(6, stock.vocab_size, 1, 30, seed=7):
+        want, _ = run(plain_generate(stock, p, cfg))
+        assert run(plain_generate(rows, p, cfg))[0] == want
+        assert run(speculative_generate(rows, oracle_draft(rows, p, corrupt_every=3), p, cfg))[0] == want
+
+
+def test_rows_kernels_refused_with_the_reason(monkeypatch):
+    """Asked for where it cannot run: a clear message, before any model is loaded."""
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="kernels 'rows' need a CPU model in fp32"):
+        K.resolve_kernels("rows", cpu, torch.bfloat16)
+    monkeypatch.setattr(K, "rows_unavailable", lambda: "no C compiler (cc or gcc) on PATH to build the kernel")
+    with pytest.raises(ValueError, match="not available here: no C compiler"):
+        K.resolve_kernels("rows", cpu, torch.float32)
+    assert K.resolve_kernels("auto", cpu, torch.float32) != "rows"     # auto never picks it
+
+
+def test_rows_kernel_build_failures_say_why(tmp_path, monkeypatch):
+    """No compiler, or a CPU without AVX2/FMA: the reason, never an exception at load time."""
+    monkeypatch.setattr(R, "_compiler", lambda: None)
+    if R._cpu_reason() is None:
+        assert "no C compiler" in R._load(str(tmp_path / "a"))
+    monkeypatch.setattr(R, "_cpuinfo", lambda: {"flags": "sse2 avx"})
+    monkeypatch.setattr(R.platform, "machine", lambda: "x86_64")
+    assert R._load(str(tmp_path / "b")) == "this CPU lacks avx2 and fma"
+    monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
+    assert "x86-64 code" in R._load(str(tmp_path / "c"))

@@ -194,6 +194,8 @@ def report_html(bench: dict, figs: dict[str, go.Figure] | None = None) -> str:
 METHOD_NOTES = {
     "plain": "one target forward per token (the reference)",
     "plain-stock": "plain decoding with torch's stock matmul kernels",
+    "plain-onednn": "plain decoding with oneDNN's packed matmul kernels",
+    "plain-rows": "plain decoding with the project's streaming rows kernel (hass/rowkernel.py)",
     "hass": "the HASS draft and lookup candidates in one tree; at T > 0 coupled sampling (the target and "
             "the draft share each position's noise: plain sampling's very tokens)",
     "hass-draft": "the HASS draft alone (no lookup candidates)",
