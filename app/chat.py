@@ -600,6 +600,13 @@ def header_markdown(studio: Studio, session: Session | None = None) -> str:
             f"**{draft_label(studio, session)}**" + studio.weights_note())
 
 
+def _kernel_words(target) -> str:
+    """The matmul kernels of the target's linear layers, in words."""
+    kern = getattr(target, "kernels", "stock")
+    return {"rows": "the rows kernel (hass/rowkernel.py)", "onednn": "oneDNN's packed kernels"}.get(
+        kern, f"torch's {kern} kernels")
+
+
 def machine_markdown(studio: Studio) -> str:
     """What this studio runs on (the About tab): the speedup depends on the machine's class
     more than on anything else (README), so a visitor of a Space sees which one they got."""
@@ -609,7 +616,8 @@ def machine_markdown(studio: Studio) -> str:
     dev = studio.target.device
     where = (f"{torch.cuda.get_device_name(dev)} ({dev})" if dev.type == "cuda" else
              f"{cpu_description()}, {torch.get_num_threads()} torch "
-             f"thread{'s' if torch.get_num_threads() != 1 else ''}" if dev.type == "cpu" else str(dev))
+             f"thread{'s' if torch.get_num_threads() != 1 else ''}, {_kernel_words(studio.target)}"
+             if dev.type == "cpu" else str(dev))
     cpu_note = (" On a CPU with AVX2 only (no AVX-512) checking a few draft tokens costs noticeably more "
                 "than one plain step, so an answer needs a higher τ to gain." if dev.type == "cpu" else "")
     return f"**This studio runs on** {_esc(where)}.{cpu_note} The Cost panel shows this machine's own curve."

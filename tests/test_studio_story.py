@@ -363,8 +363,11 @@ def test_about_names_the_machine_the_studio_runs_on(monkeypatch):
     monkeypatch.setattr(device, "cpu_description",
                         lambda: "AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native)")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    text = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"))))
-    assert "AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native), 1 torch thread." in text
+    text = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="rows")))
+    assert ("AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native), 1 torch thread, "
+            "the rows kernel (hass/rowkernel.py).") in text
+    onednn = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="onednn")))
+    assert "1 torch thread, oneDNN's packed kernels." in onednn
     assert "Cost panel" in text and "AVX2 only" in text
     other = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("meta"))))
     assert other.startswith("**This studio runs on** meta.") and "AVX2" not in other   # no CPU, no CPU note
