@@ -43,58 +43,29 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx, 
     ACC_STORE(6) ACC_STORE(7) ACC_STORE(8) ACC_STORE(9) ACC_STORE(10) ACC_STORE(11)
 }
 
+/* a tile of MM rows x CC column blocks, as a switch case */
+#define CASE(MM, CC) case MM: tile(xm, K, MM, K, wc, bstride, CC, bias, ym, N, nc); break;
+
+/* CB column blocks of 8 starting at column n0, for all M rows: in chunks the registers hold
+   (3 rows x 4 blocks, 4 x 3, 6 x 2 or 12 x 1 accumulators) */
 static void rows_block(const float *x, int M, int K, const float *w, size_t bstride, int CB,
                        const float *bias, float *y, int N, int n0) {
-    /* CB column blocks of 8 starting at n0; rows in chunks the registers hold */
-    int m0 = 0;
-    while (m0 < M) {
-        int left = M - m0;
-        const float *xm = x + (size_t)m0 * K;
+    int cap = CB == 4 ? 3 : CB == 3 ? 4 : CB == 2 ? 6 : 12;
+    for (int m0 = 0; m0 < M; m0 += cap) {
+        int mm = M - m0 < cap ? M - m0 : cap;
+        const float *xm = x + (size_t)m0 * K, *wc = w;
         float *ym = y + (size_t)m0 * N;
-        int cap = CB == 4 ? 3 : CB == 3 ? 4 : CB == 2 ? 6 : 12;
-        int mm = left > cap ? cap : left;
-        if (CB == 4 && mm <= 3) {
-            switch (mm) {
-            case 1: tile(xm, K, 1, K, w, bstride, 4, bias, ym, N, n0); break;
-            case 2: tile(xm, K, 2, K, w, bstride, 4, bias, ym, N, n0); break;
-            case 3: tile(xm, K, 3, K, w, bstride, 4, bias, ym, N, n0); break;
-            }
-        } else if (CB == 3 && mm <= 4) {
-            switch (mm) {
-            case 1: tile(xm, K, 1, K, w, bstride, 3, bias, ym, N, n0); break;
-            case 2: tile(xm, K, 2, K, w, bstride, 3, bias, ym, N, n0); break;
-            case 3: tile(xm, K, 3, K, w, bstride, 3, bias, ym, N, n0); break;
-            case 4: tile(xm, K, 4, K, w, bstride, 3, bias, ym, N, n0); break;
-            }
-        } else if (CB == 2 && mm <= 6) {
-            switch (mm) {
-            case 1: tile(xm, K, 1, K, w, bstride, 2, bias, ym, N, n0); break;
-            case 2: tile(xm, K, 2, K, w, bstride, 2, bias, ym, N, n0); break;
-            case 3: tile(xm, K, 3, K, w, bstride, 2, bias, ym, N, n0); break;
-            case 4: tile(xm, K, 4, K, w, bstride, 2, bias, ym, N, n0); break;
-            case 5: tile(xm, K, 5, K, w, bstride, 2, bias, ym, N, n0); break;
-            case 6: tile(xm, K, 6, K, w, bstride, 2, bias, ym, N, n0); break;
-            }
+        int nc = n0;
+        if (CB == 4) {
+            switch (mm) { CASE(1, 4) CASE(2, 4) CASE(3, 4) }
+        } else if (CB == 3) {
+            switch (mm) { CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3) }
+        } else if (CB == 2) {
+            switch (mm) { CASE(1, 2) CASE(2, 2) CASE(3, 2) CASE(4, 2) CASE(5, 2) CASE(6, 2) }
         } else {
-            for (int c = 0; c < CB; c++) {
-                const float *wc = w + c * bstride;
-                switch (mm) {
-                case 1: tile(xm, K, 1, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 2: tile(xm, K, 2, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 3: tile(xm, K, 3, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 4: tile(xm, K, 4, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 5: tile(xm, K, 5, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 6: tile(xm, K, 6, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 7: tile(xm, K, 7, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 8: tile(xm, K, 8, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 9: tile(xm, K, 9, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 10: tile(xm, K, 10, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 11: tile(xm, K, 11, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                case 12: tile(xm, K, 12, K, wc, bstride, 1, bias, ym, N, n0 + 8 * c); break;
-                }
-            }
+            switch (mm) { CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1) CASE(6, 1)
+                          CASE(7, 1) CASE(8, 1) CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) }
         }
-        m0 += mm;
     }
 }
 
