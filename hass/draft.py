@@ -167,7 +167,8 @@ class OutputHead:
         if dtype is not None and dtype != self.weight.dtype:      # a copy in the draft's precision
             self.weight = self.weight.detach().to(dtype)
             self.bias = None if self.bias is None else self.bias.detach().to(dtype)
-        # `pack`: multiply through oneDNN with a packed copy (inference only; see hass.kernels)
+        # `pack`: multiply through a packed copy on the target's kernel (rows or oneDNN; inference
+        # only; see hass.kernels)
         self._linear = None
         layer = type(lm_head) if isinstance(lm_head, PackedLinear) else PackedLinear   # the target's kernel
         if pack and isinstance(lm_head, PackedLinear) and self.weight is w:
