@@ -383,6 +383,7 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .assets import resolve_draft, shipped_draft
+    from .device import cpu_description
     from .evalsets import load_set
 
     if args.max_new_tokens < 1 or args.limit < 1 or args.skip < 0:
@@ -451,7 +452,7 @@ def cmd_bench(args) -> int:
     first = results[str(args.temperature[0])]["summary"]
     report = {**first, "by_temperature": {t: r["summary"] for t, r in results.items()},
               "markdown": {t: bench.markdown_table(r["summary"], bandwidth) for t, r in results.items()},
-              "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+              "machine": {"device": str(target.device), "threads": torch.get_num_threads(), "cpu": cpu_description(),
                           "accelerator": torch.cuda.get_device_name(target.device)
                           if target.device.type == "cuda" else None,
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
@@ -496,11 +497,6 @@ def _load_avg() -> float | None:
 def _threads() -> int:
     import torch
     return torch.get_num_threads()
-
-
-def _cpu_name() -> str:
-    from .device import cpu_description
-    return cpu_description()
 
 
 def _html_report(bench_json: Path) -> Path | None:
@@ -798,6 +794,7 @@ def cmd_batch(args) -> int:
     from .assets import resolve_draft
     from .batch import METHODS, load_prompt_file, run_batch
     from .decode import GenerationConfig
+    from .device import cpu_description
     from .tree import TreeConfig
     from .verify import SamplingConfig
 
@@ -856,7 +853,7 @@ def cmd_batch(args) -> int:
         logging.getLogger("hass").info("greedy outputs identical across runs: %s", same)
     if args.out or args.markdown:
         from .batch import batch_markdown
-        doc = {"command": _command_line(args), "cpu": _cpu_name(), "threads": _threads(),
+        doc = {"command": _command_line(args), "cpu": cpu_description(), "threads": _threads(),
                "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
                "kernels": target.kernels, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "load_avg_before": load_before, "load_avg_after": _load_avg(), "draft": draft_label,

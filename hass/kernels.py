@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rowkernel import pack_rows, rows_linear, rows_unavailable
+from .rowkernel import pack_rows, rows_kernel, rows_linear, rows_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,12 @@ class RowsLinear(PackedLinear):
     def pack_weight(weight: torch.Tensor) -> torch.Tensor:
         return pack_rows(weight)
 
+    def repack(self) -> None:
+        self.kernel = rows_kernel()          # kept beside the packed weight: a lookup per product is slow
+        super().repack()
+
     def product(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return rows_linear(x, packed, None if bias is None else bias.contiguous(), self.out_features)
+        return rows_linear(x, packed, None if bias is None else bias.contiguous(), self.out_features, self.kernel)
 
 
 LAYERS = {"onednn": PackedLinear, "rows": RowsLinear}

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -121,17 +122,25 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x [..., K] (fp32, CPU) times the packed weight, plus bias: [..., N]."""
+def rows_kernel() -> Callable[..., None]:
+    """The compiled entry point (built on first call); RuntimeError saying why where it cannot
+    run. Callers keep it: finding it goes through the cache's path (~20 us a lookup, timed ad
+    hoc), too slow for each of the ~210 products of a forward."""
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"the rows kernel is not available: {lib}")
+    return lib.rows_linear
+
+
+def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                kernel: Callable[..., None]) -> torch.Tensor:
+    """x [..., K] (fp32, CPU) times the packed weight, plus bias: [..., N]; `kernel` from `rows_kernel`."""
     x = x if x.is_contiguous() else x.contiguous()
     k = x.shape[-1]
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    lib.rows_linear(x.data_ptr(), x.numel() // k, k, packed.data_ptr(), out_features,
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    kernel(x.data_ptr(), x.numel() // k, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
+           y.data_ptr(), torch.get_num_threads())
     return y
 
 
-__all__ = ["pack_rows", "rows_linear", "rows_unavailable"]
+__all__ = ["pack_rows", "rows_kernel", "rows_linear", "rows_unavailable"]

@@ -286,5 +286,8 @@ def test_rows_kernel_build_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "_cpuinfo", lambda: {"flags": "sse2 avx"})
     monkeypatch.setattr(R.platform, "machine", lambda: "x86_64")
     assert R._load(str(tmp_path / "b")) == "this CPU lacks avx2 and fma"
+    monkeypatch.setattr(R, "_library", lambda: "this CPU lacks avx2 and fma")
+    with pytest.raises(RuntimeError, match="rows kernel is not available: this CPU lacks avx2"):
+        R.rows_kernel()
     monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
     assert "x86-64 code" in R._load(str(tmp_path / "c"))
