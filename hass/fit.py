@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DRAFT_EDGES = (-0.05, -0.15, -0.3, -0.5, -0.8, -1.2, -1.7, -2.3, -3.0, -4.0, -5.5, -8.0)
 COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 COST_PREFIX = 128
+TABLE_SIZE = 256          # node counts whose verify cost `CostModel` keeps tabulated
 
 
 class Calibrator:
@@ -60,6 +61,7 @@ class Calibrator:
         self.l_tried = torch.zeros(max_lookup + 1, dtype=torch.float64)    # place j reached with j - 1 accepted
         self.l_hit = torch.zeros_like(self.l_tried)                       # ... and j accepted
         self.prior = prior
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None    # (draft rates, lookup values) until the next count
 
     def _draft_bins(self, score: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(-score.double().cpu(), -self.edges, right=False)
@@ -68,13 +70,23 @@ class Calibrator:
         r = (acc + self.prior * prior) / (off + self.prior)
         return torch.cummin(r, 0).values
 
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-bin draft rates and the per-place lookup values, computed once per count
+        (a step asks for them several times: every growth decision and the cut)."""
+        if self._tables is None:
+            self._tables = (self._rates(self.d_acc, self.d_off, self.d_prior), self._lookup_values())
+        return self._tables
+
     def draft_values(self, score: torch.Tensor) -> torch.Tensor:
-        return self._rates(self.d_acc, self.d_off, self.d_prior)[self._draft_bins(score)]
+        return self._cached()[0][self._draft_bins(score)]
 
     def lookup_values(self) -> torch.Tensor:
         """v per lookup place 1, 2, ..: the cumulative product of the continuation rates
         (each a Beta estimate centred on 1/2 for the first place and on the pooled rate of
         the deeper places for the others)."""
+        return self._cached()[1]
+
+    def _lookup_values(self) -> torch.Tensor:
         deep = (self.l_hit[1:].sum() + self.prior * 0.5) / (self.l_tried[1:].sum() + self.prior)
         centre = torch.cat((torch.full((1,), 0.5, dtype=torch.float64), deep.expand(self.l_tried.shape[0] - 1)))
         rates = (self.l_hit + self.prior * centre) / (self.l_tried + self.prior)
@@ -106,6 +118,7 @@ class Calibrator:
         at T = 0), so it equals an unverified lookup child x with exactly the probability
         that x would have been accepted: one more observation, one place past the cut."""
         chosen, hit = chosen.cpu(), on_path.cpu().bool()
+        self._tables = None
         origin = pool.origin.cpu()
         d = (origin[chosen] & DRAFT) > 0
         if d.any():
@@ -128,6 +141,7 @@ class Calibrator:
             self._count_lookup(places[i:i + 1], torch.tensor([int(pool.tokens[i]) == bonus]))
 
     def _count_lookup(self, places: torch.Tensor, hit: torch.Tensor) -> None:
+        self._tables = None
         places = places.clamp(1, self.l_tried.shape[0]) - 1
         self.l_tried.index_add_(0, places, torch.ones_like(hit, dtype=torch.float64))
         self.l_hit.index_add_(0, places, hit.double())
@@ -147,16 +161,24 @@ class CostModel:
     def __post_init__(self) -> None:
         self._n = torch.tensor(sorted(self.curve), dtype=torch.float64)
         self._t = torch.tensor([self.curve[k] for k in sorted(self.curve)], dtype=torch.float64)
+        # the curve at every whole node count a tree can have: steps look sizes up many times
+        self._table = self._interpolate(torch.arange(TABLE_SIZE + 1, dtype=torch.float64))
+
+    def _interpolate(self, n: torch.Tensor) -> torch.Tensor:
+        xs, ys = self._n, self._t
+        if xs.numel() == 1:
+            return ys[0] * n / xs[0]
+        i = torch.searchsorted(xs, n.clamp(min=float(xs[0]))).clamp(1, xs.numel() - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return (y0 + (n - x0) * (y1 - y0) / (x1 - x0)).clamp(min=float(ys[0]) * 0.5)
 
     def verify(self, n: torch.Tensor | int) -> torch.Tensor:
         """Interpolated (linearly; extrapolated from the last two points beyond the curve)."""
         n = torch.as_tensor(n, dtype=torch.float64)
-        xs, ys = self._n, self._t
-        if xs.numel() == 1:
-            return ys[0] * n / xs[0] * self.scale
-        i = torch.searchsorted(xs, n.clamp(min=float(xs[0]))).clamp(1, xs.numel() - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return (y0 + (n - x0) * (y1 - y0) / (x1 - x0)).clamp(min=float(ys[0]) * 0.5) * self.scale
+        whole = n.long()
+        if n.numel() and bool(((whole == n) & (whole >= 0) & (whole <= TABLE_SIZE)).all()):
+            return self._table[whole] * self.scale
+        return self._interpolate(n) * self.scale
 
     def observe(self, nodes: int, verify_s: float, levels: int, draft_s: float) -> None:
         if verify_s > 0:

@@ -343,3 +343,37 @@ def test_the_gate_is_asked_only_when_lookup_has_a_proposal():
     tree = prop.tree(Pool.empty(6, torch.device("cpu")), prop.chain(repeat))
     prop.observe(tree, [0], 0.01, 0.0)
     assert False in prop.gate.seconds                        # the lookup-alone arm learnt from it
+
+
+def test_cost_table_is_the_interpolated_curve():
+    """CostModel tabulates whole node counts; the table must give what interpolation gives
+    (inside the curve, between points and extrapolated past its end), fractional counts
+    still interpolate, and the online scale multiplies both."""
+    cost = CostModel({1: 1.0, 4: 1.3, 16: 2.0, 64: 5.0})
+    cost.scale = 1.5
+    for n in (1, 2, 3, 4, 9, 16, 40, 64, 100, 256, 300):
+        assert torch.allclose(cost.verify(n), cost._interpolate(torch.tensor(float(n), dtype=torch.float64)) * 1.5)
+    assert float(cost.verify(2)) == pytest.approx(1.5 * (1.0 + 0.3 / 3))
+    assert float(cost.verify(100)) == pytest.approx(1.5 * (5.0 + 36 * 3.0 / 48))      # past the end: the last slope
+    assert float(cost.verify(2.5)) == pytest.approx(1.5 * (1.0 + 0.3 * 1.5 / 3))     # not whole: interpolated
+    sizes = torch.arange(1, 9, dtype=torch.float64)
+    assert torch.allclose(cost.verify(sizes), cost._interpolate(sizes) * 1.5)
+
+
+def test_calibrator_values_follow_every_count():
+    """The per-bin rates and lookup values are cached between counts: a count must change
+    them (a cache never invalidated would keep the prior for good)."""
+    pool = merge_lookup(_pool([1, 2], [-1, 0], [-0.1, -0.2]), [7, 8])
+    cal = Calibrator()
+    before_d = cal.draft_values(pool.score[:1]).clone()
+    before_l = cal.lookup_values()[:2].clone()
+    chosen = torch.arange(len(pool))
+    for _ in range(5):
+        cal.update(pool, chosen, torch.zeros(len(pool), dtype=torch.bool))      # nothing accepted
+    assert float(cal.draft_values(pool.score[:1])) < float(before_d)
+    assert float(cal.lookup_values()[0]) < float(before_l[0])
+    fresh = Calibrator()
+    for _ in range(5):
+        fresh.update(pool, chosen, torch.zeros(len(pool), dtype=torch.bool))
+    assert torch.equal(cal.draft_values(pool.score), fresh.draft_values(pool.score))   # as if never cached
+    assert torch.equal(cal.lookup_values(), fresh.lookup_values())
