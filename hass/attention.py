@@ -1,4 +1,4 @@
-"""Grouped-query attention under a tree mask, kept inside torch's kernel on a CPU.
+"""The target's attention on a CPU: the rows kernel's, or grouped-query SDPA kept in torch's kernel.
 
 transformers' `sdpa` attention copies every key/value head `num_key_value_groups` times
 (`repeat_kv`) whenever the forward carries a mask, because on CUDA a masked grouped-query
@@ -9,6 +9,10 @@ Torch's CPU kernel takes a mask and `enable_gqa` together, so `GQA_ATTENTION` is
 grouped queries kept in the kernel there; everything else (no mask, no grouping, another
 device) goes to transformers' own `sdpa` unchanged. `python -m hass cost` measures the verify
 cost curve on whichever attention the target runs.
+
+A target on the rows kernel runs `ROWS_ATTENTION` instead (`hass.rowkernel.rows_attention`):
+each query row computed alone in a fixed order, so a verify forward's rows are bit for bit
+the one-token steps'; what it does not cover goes to `gqa_sdpa_forward`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 OWN_PREFIX = "hass_"                        # the names of this project's attention functions start with it
 GQA_ATTENTION = OWN_PREFIX + "sdpa_gqa"
+ROWS_ATTENTION = OWN_PREFIX + "rows"
+ROWS_MAX_QUERIES = 256      # longer calls (prefills) go to torch's blocked kernel, alike in every mode
 
 
 def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -44,6 +50,64 @@ try:   # masks are built for it exactly as for sdpa (None where sdpa's causal fl
     AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
 except ImportError:      # pragma: no cover - older transformers
     pass
+
+
+def rows_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature, on the rows kernel's attention
+    (`hass.rowkernel.rows_attention`): each query row computed alone, so a verify forward's
+    row is bit for bit the one-token step's. Calls it does not cover (a batch, another dtype
+    or device, dropout, sliding windows, soft caps or sinks, a mask that is neither an additive
+    float one nor a boolean one, more than ROWS_MAX_QUERIES queries) go to `gqa_sdpa_forward`."""
+    kernel = getattr(module, "_hass_rows_attention", None)
+    n = query.shape[2]
+    if (kernel is None or not query.is_cpu or query.dtype != torch.float32 or key.dtype != torch.float32
+            or value.dtype != torch.float32 or query.shape[0] != 1 or n > ROWS_MAX_QUERIES or n > key.shape[2]
+            or (dropout and module.training) or query.shape[3] % 8 or query.shape[1] % key.shape[1]
+            or any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
+            or (attention_mask is not None and (attention_mask.dtype not in (torch.float32, torch.bool)
+                                                or attention_mask.dim() != 4
+                                                or attention_mask.shape[0] != 1 or attention_mask.shape[1] != 1
+                                                or attention_mask.shape[3] < key.shape[2]))):
+        return gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    from .rowkernel import rows_attention
+    scale = query.shape[3] ** -0.5 if scaling is None else scaling
+    return rows_attention(query, key, value, attention_mask, scale, kernel), None
+
+
+AttentionInterface.register(ROWS_ATTENTION, rows_attention_forward)
+try:
+    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
+except NameError:        # pragma: no cover - older transformers
+    pass
+
+
+def use_rows_attention(model: torch.nn.Module, device: torch.device) -> bool:
+    """On a CPU fp32 model whose attention is transformers' `sdpa` (or this project's grouped
+    variant), switch to `ROWS_ATTENTION` when the rows kernel runs here; return whether it did."""
+    cfg = getattr(model, "config", None)
+    if (device.type != "cpu" or getattr(cfg, "_attn_implementation", None) not in ("sdpa", GQA_ATTENTION)
+            or next(model.parameters()).dtype != torch.float32):
+        return False
+    from .rowkernel import attention_kernel, rows_unavailable
+    if rows_unavailable() is not None:
+        return False
+    kernel = attention_kernel()
+    for module in model.modules():                  # each attention layer keeps the entry point at hand
+        if hasattr(module, "o_proj") and hasattr(module, "q_proj"):
+            module._hass_rows_attention = kernel
+    model.set_attn_implementation(ROWS_ATTENTION)
+    return True
+
+
+def use_attention(model: torch.nn.Module, device: torch.device, kernels: str) -> str:
+    """The attention a loaded target runs: the rows kernel's beside its linear layers (so a
+    verify forward is bit for bit the plain steps'), else torch's grouped SDPA on a CPU, else
+    what it had; returns its name."""
+    if not (kernels == "rows" and use_rows_attention(model, device)):
+        use_gqa_attention(model, device)
+    return model.config._attn_implementation
 
 
 def use_gqa_attention(model: torch.nn.Module, device: torch.device) -> bool:
@@ -102,4 +166,5 @@ def stock_attention(model: torch.nn.Module):
     return nullcontext()
 
 
-__all__ = ["GQA_ATTENTION", "OWN_PREFIX", "gqa_sdpa_forward", "stock_attention", "switched_attention", "use_gqa_attention"]
+__all__ = ["GQA_ATTENTION", "OWN_PREFIX", "ROWS_ATTENTION", "gqa_sdpa_forward", "rows_attention_forward",
+           "stock_attention", "switched_attention", "use_attention", "use_gqa_attention", "use_rows_attention"]

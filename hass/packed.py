@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import OWN_PREFIX, switched_attention
+from .attention import OWN_PREFIX, rows_attention_forward, switched_attention
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +247,13 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
     """The registered attention function: packed per-sample SDPA when the forward carries a
-    plan; plain `sdpa` otherwise (so another thread's ordinary forward on the same model,
-    while a packed call has the implementation switched, is still computed correctly)."""
+    plan; otherwise the attention the target runs outside packed calls (the rows kernel's
+    where its layers carry it, else torch's SDPA), so another thread's ordinary forward on the
+    same model, while a packed call has the implementation switched, gives what it gives
+    without the switch."""
     plan = kwargs.pop(PLAN_KWARG, None)
     if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return rows_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
         raise ValueError("packed attention is for inference (no dropout)")

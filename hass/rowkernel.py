@@ -39,6 +39,7 @@ from .device import _cpuinfo
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "rows.c"
+ATTENTION_SOURCE = SOURCE.with_name("attend.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-funroll-loops", "-fPIC", "-shared")
 BLOCK = 8      # output columns per packed block
 
@@ -62,7 +63,9 @@ def _build(out_dir: Path) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH to build the kernel")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    sources = (SOURCE, ATTENTION_SOURCE)
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in sources) + " ".join(FLAGS).encode()
+                         + version.encode()).hexdigest()[:16]
     lib = out_dir / f"rows-{key}.so"
     if lib.is_file():
         return lib
@@ -72,8 +75,8 @@ def _build(out_dir: Path) -> Path:
     os.close(fd)
     try:
         for openmp in (["-fopenmp"], []):           # without OpenMP the kernel runs on one thread
-            done = subprocess.run([cc, *FLAGS, *openmp, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=300)
+            done = subprocess.run([cc, *FLAGS, *openmp, *map(str, sources), "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
             if done.returncode == 0:
                 if not openmp:
                     log.warning("the rows kernel was built without OpenMP: it runs on one thread")
@@ -99,6 +102,12 @@ def _load(out_dir: str) -> ctypes.CDLL | str:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int]
     fn.restype = None
+    fn = lib.rows_attention
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                   ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_void_p,
+                   ctypes.c_int]
+    fn.restype = ctypes.c_int
     return lib
 
 
@@ -132,6 +141,47 @@ def rows_kernel() -> Callable[..., None]:
     return lib.rows_linear
 
 
+def attention_kernel() -> Callable[..., int]:
+    """The row-independent attention's entry point (`csrc/attend.c`; built with the linear
+    kernel); RuntimeError saying why where it cannot run."""
+    lib = _library()
+    if isinstance(lib, str):
+        raise RuntimeError(f"the rows kernel is not available: {lib}")
+    return lib.rows_attention
+
+
+def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float, kernel: Callable[..., int]) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for one sequence on a CPU, fp32: query [1, H, N, D], key
+    and value [1, KV, L, D] (grouped heads: H a multiple of KV), mask None (causal: query i
+    sees keys up to L - N + i), additive float [1, 1, N, >= L] (a key is hidden where its
+    entry is below -1e30) or boolean (True: visible). Returns [1, N, H, D]. Each query row is computed alone, in one fixed order
+    (`csrc/attend.c`): bit for bit the same whatever the other rows, the masked keys between
+    its visible ones or the threads."""
+    _, heads, n, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    key = key if key.stride(3) == 1 and key.stride(2) == d else key.contiguous()
+    value = value if value.stride(3) == 1 and value.stride(2) == d else value.contiguous()
+    query = query if query.stride(3) == 1 else query.contiguous()
+    additive = allow = None
+    if mask is not None:
+        rows = mask[0, 0, :, :length]
+        rows = rows if rows.stride(1) == 1 else rows.contiguous()
+        if rows.dtype == torch.bool:
+            allow = rows
+        else:
+            additive = rows
+    out = torch.empty(1, n, heads, d, dtype=query.dtype)
+    status = kernel(query.data_ptr(), heads, n, d, query.stride(1), query.stride(2), key.data_ptr(),
+                    value.data_ptr(), kv_heads, length, key.stride(1), value.stride(1),
+                    None if additive is None else additive.data_ptr(), 0 if additive is None else additive.stride(0),
+                    None if allow is None else allow.data_ptr(), 0 if allow is None else allow.stride(0), float(scale),
+                    out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"rows attention failed (status {status}: {'shape' if status == 1 else 'memory'})")
+    return out
+
+
 def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                 kernel: Callable[..., None]) -> torch.Tensor:
     """x [..., K] (fp32, CPU) times the packed weight, plus bias: [..., N]; `kernel` from `rows_kernel`."""
@@ -143,4 +193,4 @@ def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-__all__ = ["pack_rows", "rows_kernel", "rows_linear", "rows_unavailable"]
+__all__ = ["attention_kernel", "pack_rows", "rows_attention", "rows_kernel", "rows_linear", "rows_unavailable"]

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from .attention import use_gqa_attention
+from .attention import use_attention
 from .cache import new_cache
 from .device import resolve_device, resolve_dtype
 from .identity import identity_digest, model_identity, weights_label
@@ -246,7 +246,7 @@ def load_target(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
                                  "and not a hub id of the form owner/name")
     model.to(dev)
     kern = apply_kernels(model, kernels, dev, dt)
-    use_gqa_attention(model, dev)
+    use_attention(model, dev, kern)
     from .assets import known_name         # (assets imports this module)
     dt_name = str(dt).removeprefix("torch.")
     target = Target(model=model, tokenizer=tok, name=name, load_seconds=time.perf_counter() - t0, source=source,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hass.attention import GQA_ATTENTION, use_gqa_attention
+from hass.attention import GQA_ATTENTION, ROWS_ATTENTION, use_attention
 from hass.draft import draft_config_for, new_draft
 from hass.kernels import apply_kernels
 from hass.target import Target
@@ -90,10 +90,10 @@ def build_tiny_target(vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layer
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = None
     kern = apply_kernels(model, kernels, torch.device("cpu"), torch.float32)
-    use_gqa_attention(model, torch.device("cpu"))           # as `load_target` does on a CPU
+    attention = use_attention(model, torch.device("cpu"), kern)      # as `load_target` does on a CPU
     target = Target(model=model, tokenizer=None, name=name, kernels=kern)
     assert target.eos_ids == {eos_token_id}
-    assert target.model.config._attn_implementation == (GQA_ATTENTION if kv_heads != heads else "sdpa")
+    assert attention == (ROWS_ATTENTION if kern == "rows" else GQA_ATTENTION if kv_heads != heads else "sdpa")
     return target
 
 

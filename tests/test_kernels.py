@@ -291,3 +291,149 @@ def test_rows_kernel_build_failures_say_why(tmp_path, monkeypatch):
         R.rows_kernel()
     monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
     assert "x86-64 code" in R._load(str(tmp_path / "c"))
+
+
+# -- the rows kernel's attention -------------------------------------------------------------
+def _attention_case(n: int, length: int, heads: int = 6, kv_heads: int = 2, dim: int = 64, seed: int = 0):
+    """A query laid out as transformers lays it out ([1, H, N, D], a transposed view) and
+    keys/values as views of a cache buffer with spare room, as `GrowingLayer` keeps them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n, heads, dim, generator=g).transpose(1, 2)
+    kbuf, vbuf = torch.randn(1, kv_heads, length + 37, dim, generator=g), torch.randn(1, kv_heads, length + 37, dim, generator=g)
+    return q, kbuf[:, :, :length], vbuf[:, :, :length]
+
+
+def _reference(q, k, v, allowed):
+    """float64 attention over the allowed keys ([N, L] booleans), grouped heads repeated."""
+    rep = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                         v.double().repeat_interleave(rep, 1), attn_mask=allowed)
+    return out.transpose(1, 2)
+
+
+def _tree_allowed(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Every row sees the prefix and a random set of ancestors in the last n keys (itself included)."""
+    g = torch.Generator().manual_seed(seed)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+    allowed = torch.zeros(n, length, dtype=torch.bool)
+    allowed[:, :length - n] = True
+    for i in range(n):
+        j = i
+        while j >= 0:
+            allowed[i, length - n + j] = True
+            j = parents[j]
+    return allowed
+
+
+@needs_rows
+@pytest.mark.parametrize("dim", [64, 32, 128])
+@pytest.mark.parametrize("mask_kind", ["causal", "additive", "boolean"])
+def test_rows_attention_matches_a_float64_reference(dim, mask_kind):
+    kernel = R.attention_kernel()
+    for n, length, kv in ((1, 1, 2), (1, 50, 2), (5, 40, 2), (9, 9, 3), (17, 120, 1)):
+        q, k, v = _attention_case(n, length, heads=6, kv_heads=kv, dim=dim, seed=n)
+        allowed = torch.ones(n, length, dtype=torch.bool).tril(length - n) if mask_kind == "causal" else \
+            _tree_allowed(n, length, seed=n)
+        mask = None if mask_kind == "causal" else allowed[None, None] if mask_kind == "boolean" else \
+            torch.zeros(n, length).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        out = R.rows_attention(q, k, v, mask, dim ** -0.5, kernel)
+        assert out.shape == (1, n, 6, dim) and out.is_contiguous()
+        assert torch.allclose(out.double(), _reference(q, k, v, allowed), atol=2e-6, rtol=1e-5), (n, length, kv)
+
+
+@needs_rows
+def test_rows_attention_gives_each_row_its_one_row_result_bit_for_bit():
+    """The promise: a row's output is the one-row call's over exactly the keys it sees
+    (contiguous, no mask), bit for bit, whatever the other rows, the hidden keys between its
+    visible ones, the mask's form or the threads. That is what makes a verify forward's
+    rows the plain steps'. Negative control: the same keys in another order give other bits."""
+    kernel = R.attention_kernel()
+    threads = torch.get_num_threads()
+    q, k, v = _attention_case(12, 300, heads=9, kv_heads=3)
+    allowed = _tree_allowed(12, 300, seed=3)
+    additive = torch.zeros(12, 300).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    try:
+        alone = []
+        torch.set_num_threads(1)
+        for i in range(12):
+            idx = allowed[i].nonzero().flatten()
+            alone.append(R.rows_attention(q[:, :, i:i + 1], k[:, :, idx], v[:, :, idx], None, 0.125, kernel)[0, 0])
+        alone = torch.stack(alone)
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for mask in (additive, allowed[None, None]):
+                assert torch.equal(R.rows_attention(q, k, v, mask, 0.125, kernel)[0], alone)
+                assert torch.equal(R.rows_attention(q[:, :, 4:7], k, v, mask[:, :, 4:7], 0.125, kernel)[0], alone[4:7])
+        causal = torch.stack([R.rows_attention(q[:, :, i:i + 1], k[:, :, :300 - 12 + i + 1], v[:, :, :300 - 12 + i + 1],
+                                               None, 0.125, kernel)[0, 0] for i in range(12)])
+        assert torch.equal(R.rows_attention(q, k, v, None, 0.125, kernel)[0], causal)
+        idx = allowed[5].nonzero().flatten().flip(0)                  # the negative control
+        shuffled = R.rows_attention(q[:, :, 5:6], k[:, :, idx], v[:, :, idx], None, 0.125, kernel)[0, 0]
+        assert torch.allclose(shuffled, alone[5], atol=1e-5) and not torch.equal(shuffled, alone[5])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_rows
+def test_a_rows_targets_verify_forward_is_its_plain_steps_bit_for_bit(make_target):
+    """On the rows kernels (linear layers and attention) a forward over N tree tokens gives
+    every node exactly the logits of one-token steps along its path: for a chain (no mask)
+    and for a tree (the verify mask)."""
+    from hass.attention import ROWS_ATTENTION
+    from hass.cache import compact
+    from hass.tree import ancestor_mask, verify_mask
+    target = make_target(kernels="rows", heads=4, kv_heads=2)
+    assert target.model.config._attn_implementation == ROWS_ATTENTION
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, target.vocab_size, (1, 40), generator=g)
+    toks = torch.randint(0, target.vocab_size, (1, 7), generator=g)
+    parents = torch.tensor([-1, 0, 0, 1, 2, 3, 1])
+    with torch.inference_mode():
+        cache = target.new_cache()
+        target.forward(ctx, cache)
+        for tree in (torch.arange(-1, 6), parents):
+            anc = ancestor_mask(tree)
+            depths = anc.sum(-1) - 1
+            chain = bool((tree == torch.arange(-1, 6)).all())
+            mask = None if chain else verify_mask(anc, 40, torch.float32)
+            logits, _ = target.forward(toks, cache, position_ids=(40 + depths)[None], attention_mask=mask)
+            compact(cache, 40, torch.zeros(0, dtype=torch.long))
+            for i in range(7):
+                path = anc[i].nonzero().flatten()
+                steps = target.new_cache()
+                target.forward(ctx, steps)
+                for j, node in enumerate(path.tolist()):
+                    step, _ = target.forward(toks[:, node:node + 1], steps, position_ids=torch.tensor([[40 + j]]))
+                assert torch.equal(step[0, -1], logits[0, i]), (chain, i)
+
+
+@needs_rows
+def test_rows_attention_leaves_what_it_does_not_cover_to_sdpa():
+    """A batch, bf16, a mask of another form or more queries than it takes: torch's kernel,
+    with what it would give."""
+    from hass.attention import ROWS_MAX_QUERIES, gqa_sdpa_forward, rows_attention_forward
+    module = nn.Module()
+    module._hass_rows_attention = R.attention_kernel()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = _attention_case(3, 20, heads=4, kv_heads=2, dim=32)
+    cases = [(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None),
+             (q.bfloat16(), k.bfloat16(), v.bfloat16(), None),
+             (q, k, v, torch.zeros(3, 20))]                                   # a 2-D mask
+    for qq, kk, vv, mask in cases:
+        got, _ = rows_attention_forward(module, qq, kk, vv, mask, scaling=0.2)
+        want, _ = gqa_sdpa_forward(module, qq, kk, vv, mask, scaling=0.2)
+        assert torch.equal(got, want)
+    assert ROWS_MAX_QUERIES >= 64                  # every fitted tree (up to 64 nodes) is covered
+    long_q, long_k, long_v = _attention_case(ROWS_MAX_QUERIES + 1, ROWS_MAX_QUERIES + 1, heads=4, kv_heads=2, dim=32)
+    got, _ = rows_attention_forward(module, long_q, long_k, long_v, None, scaling=0.2)
+    want, _ = gqa_sdpa_forward(module, long_q, long_k, long_v, None, scaling=0.2)
+    assert torch.equal(got, want)
+    own, _ = rows_attention_forward(module, q, k, v, None, scaling=0.2)       # and what it covers, it computes
+    assert torch.equal(own, R.rows_attention(q, k, v, None, 0.2, module._hass_rows_attention))
+
+
+def test_targets_run_the_attention_of_their_kernels(make_target):
+    from hass.attention import GQA_ATTENTION, ROWS_ATTENTION
+    assert make_target(kernels="stock", heads=4, kv_heads=2).model.config._attn_implementation == GQA_ATTENTION
+    if R.rows_unavailable() is None:
+        assert make_target(kernels="rows", heads=4, kv_heads=2).model.config._attn_implementation == ROWS_ATTENTION
