@@ -456,7 +456,7 @@ def cmd_bench(args) -> int:
                           "accelerator": torch.cuda.get_device_name(target.device)
                           if target.device.type == "cuda" else None,
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
-                          "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
+                          "attention": target.attention, "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target, trees)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": _command_line(args),
@@ -855,7 +855,8 @@ def cmd_batch(args) -> int:
         from .batch import batch_markdown
         doc = {"command": _command_line(args), "cpu": cpu_description(), "threads": _threads(),
                "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
-               "kernels": target.kernels, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "kernels": target.kernels, "attention": target.attention,
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "load_avg_before": load_before, "load_avg_after": _load_avg(), "draft": draft_label,
                "tree": {"rule": "fitted" if cfg.fitted else "fixed",
                         "limits": [cfg.tree.total_tokens, cfg.tree.depth, cfg.tree.top_k],

@@ -464,7 +464,8 @@ def batch_markdown(doc: dict) -> str:
         "Written by the command below from the JSON it keeps (`--out DIR` writes `DIR/batch.json`; "
         "`--markdown` this page). Every speed figure is a ratio within this one run.", "",
         f"Machine: {doc['cpu']}, {doc['threads']} torch threads, {doc['device']}, {doc['dtype']}, "
-        f"{doc['kernels']} kernels. Measured {doc['when']}; 1-minute load average {doc['load_avg_before']} before "
+        f"{doc['kernels']} kernels" + (f", {doc['attention']} attention" if doc.get("attention") else "")
+        + f". Measured {doc['when']}; 1-minute load average {doc['load_avg_before']} before "
         f"the runs and {doc['load_avg_after']} after. Draft {doc['draft']}, tree {tree}, T = {doc['temperature']}, "
         f"{doc['prompts']} prompts, {doc['max_new_tokens']} new tokens each.", "",
         "```bash", doc["command"], "```", "",

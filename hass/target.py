@@ -123,6 +123,12 @@ class Target:
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
+    @property
+    def attention(self) -> str:
+        """The attention implementation the model runs (`hass.attention`: hass_rows on the rows
+        kernel, hass_sdpa_gqa elsewhere on a CPU, else transformers' own)."""
+        return str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 

@@ -240,6 +240,7 @@ def report_markdown(bench: dict, png_dir: Path | None, doc_path: Path, title: st
              + (f" ({machine['accelerator']})" if machine.get("accelerator") else "")
              + f", {machine.get('threads', '?')} torch threads"
              + (f", {machine['dtype']} target with {machine['kernels']} matmul kernels" if machine.get("kernels") else "")
+             + (f" and {machine['attention']} attention" if machine.get("attention") else "")
              + (f", {machine['note']}" if machine.get("note") else "")
              + (f" (1-min load average {machine['load_avg_before']} before, {machine['load_avg_after']} after)"
                 if machine.get("load_avg_before") is not None else ""),
