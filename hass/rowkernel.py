@@ -155,9 +155,9 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """softmax(q k^T * scale + mask) v for one sequence on a CPU, fp32: query [1, H, N, D], key
     and value [1, KV, L, D] (grouped heads: H a multiple of KV), mask None (causal: query i
     sees keys up to L - N + i), additive float [1, 1, N, >= L] (a key is hidden where its
-    entry is below -1e30) or boolean (True: visible). Returns [1, N, H, D]. Each query row is computed alone, in one fixed order
-    (`csrc/attend.c`): bit for bit the same whatever the other rows, the masked keys between
-    its visible ones or the threads."""
+    entry is below -1e30) or boolean (True: visible). Returns [1, N, H, D]. Each query row is
+    computed alone, in one fixed order (`csrc/attend.c`): bit for bit the same whatever the
+    other rows, the masked keys between its visible ones or the threads."""
     _, heads, n, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     key = key if key.stride(3) == 1 and key.stride(2) == d else key.contiguous()

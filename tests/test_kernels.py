@@ -299,7 +299,8 @@ def _attention_case(n: int, length: int, heads: int = 6, kv_heads: int = 2, dim:
     keys/values as views of a cache buffer with spare room, as `GrowingLayer` keeps them."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, n, heads, dim, generator=g).transpose(1, 2)
-    kbuf, vbuf = torch.randn(1, kv_heads, length + 37, dim, generator=g), torch.randn(1, kv_heads, length + 37, dim, generator=g)
+    kbuf = torch.randn(1, kv_heads, length + 37, dim, generator=g)
+    vbuf = torch.randn(1, kv_heads, length + 37, dim, generator=g)
     return q, kbuf[:, :, :length], vbuf[:, :, :length]
 
 
