@@ -1,6 +1,6 @@
 /* Row-independent attention for hass.rowkernel: out = softmax(q k^T * scale + mask) v, fp32, AVX2 + FMA.
  *
- * Every (query row, head) is computed on its own, by one thread, in one fixed order: the
+ * Every (query row, head) is computed on its own, in one fixed order: the
  * scores key by key (each a dot product summed in a fixed pattern), their maximum, then the
  * softmax denominator and the weighted sum of values over the visible keys in increasing
  * key order. Keys a row does not see are skipped, not added as zeros. So a row's output
@@ -84,12 +84,15 @@ static inline __m256 scores8(const float *qv, const float *kb, int D, int j0, in
     return hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
 }
 
-/* out[d0 .. d0 + 63] = sum over the visible keys, in key order, of p_j v_j[d0 ..]: eight
-   accumulators in registers */
-static inline void weigh64(const float *vb, int D, int d0, int visible, const float *mrow,
+/* o[d0 .. d0 + 63] += sum over the visible keys j0 .. j1 - 1, in key order, of p_j v_j[d0 ..]:
+   eight accumulators in registers, loaded from and stored back to o, so consecutive key
+   blocks continue each chain exactly as one pass would */
+static inline void weigh64(const float *vb, int D, int d0, int j0, int j1, const float *mrow,
                            const unsigned char *arow, const float *s, float *o) {
-    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0;
-    for (int j = 0; j < visible; j++) {
+    __m256 o0 = _mm256_loadu_ps(o + d0), o1 = _mm256_loadu_ps(o + d0 + 8), o2 = _mm256_loadu_ps(o + d0 + 16),
+           o3 = _mm256_loadu_ps(o + d0 + 24), o4 = _mm256_loadu_ps(o + d0 + 32), o5 = _mm256_loadu_ps(o + d0 + 40),
+           o6 = _mm256_loadu_ps(o + d0 + 48), o7 = _mm256_loadu_ps(o + d0 + 56);
+    for (int j = j0; j < j1; j++) {
         if (HIDDEN(j))
             continue;
         __m256 p = _mm256_set1_ps(s[j]);
@@ -109,46 +112,72 @@ static inline void weigh64(const float *vb, int D, int d0, int visible, const fl
 }
 
 /* the same for eight dimensions (head sizes that are not a multiple of 64) */
-static inline void weigh8(const float *vb, int D, int d0, int visible, const float *mrow,
+static inline void weigh8(const float *vb, int D, int d0, int j0, int j1, const float *mrow,
                           const unsigned char *arow, const float *s, float *o) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int j = 0; j < visible; j++)
+    __m256 acc = _mm256_loadu_ps(o + d0);
+    for (int j = j0; j < j1; j++)
         if (!HIDDEN(j))
             acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vb + (size_t)j * D + d0), acc);
     _mm256_storeu_ps(o + d0, acc);
 }
 
-static void one_row(const float *qv, const float *kb, const float *vb, int D, int visible, const float *mrow,
-                    const unsigned char *arow, float scale, float *o, float *s) {
-    /* scores, eight keys at a time; the row's maximum over its visible keys */
+#define KEY_BLOCK 64      /* keys per block: a block of keys (or values) of 64 floats each is 16 KiB, in L1 */
+
+/* One query row of the G heads that share a key/value head: q0 is the first head's query
+   (the next at + qhs), o0 its output (the next at + D), s the G score rows (L + 8 each).
+   Keys go in blocks that all G heads use while they sit in L1; every head's arithmetic is
+   the one-head order: its scores eight keys at a time, its maximum, its probabilities,
+   its sum and its weighted values key by key. */
+static void group_row(const float *q0, long qhs, int G, const float *kb, const float *vb, int D, int L, int visible,
+                      const float *mrow, const unsigned char *arow, float scale, float *o0, float *s0) {
     __m256 sc = _mm256_set1_ps(scale);
-    for (int j = 0; j < visible; j += 8)
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(scores8(qv, kb, D, j, visible), sc));
-    float best = -INFINITY;
-    for (int j = 0; j < visible; j++) {
-        if (HIDDEN(j))
-            continue;
-        if (mrow)
-            s[j] += mrow[j];
-        if (s[j] > best)
-            best = s[j];
+    for (int jb = 0; jb < visible; jb += KEY_BLOCK) {
+        int je = jb + KEY_BLOCK < visible ? jb + KEY_BLOCK : visible;
+        for (int h = 0; h < G; h++)
+            for (int j = jb; j < je; j += 8)
+                _mm256_storeu_ps(s0 + (size_t)h * (L + 8) + j, _mm256_mul_ps(scores8(q0 + h * qhs, kb, D, j, visible), sc));
     }
-    /* probabilities (lanes past `visible` and hidden keys are computed, never used) */
-    __m256 mx = _mm256_set1_ps(best);
-    for (int j = 0; j < visible; j += 8)
-        _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx)));
-    float total = 0.0f;
-    for (int j = 0; j < visible; j++)
-        if (!HIDDEN(j))
-            total += s[j];
-    int d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64)
-        weigh64(vb, D, d0, visible, mrow, arow, s, o);
-    for (; d0 < D; d0 += 8)
-        weigh8(vb, D, d0, visible, mrow, arow, s, o);
-    __m256 inv = _mm256_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
-    for (int d = 0; d < D; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+    float total[G];
+    for (int h = 0; h < G; h++) {
+        float *s = s0 + (size_t)h * (L + 8), best = -INFINITY;
+        for (int j = 0; j < visible; j++) {
+            if (HIDDEN(j))
+                continue;
+            if (mrow)
+                s[j] += mrow[j];
+            if (s[j] > best)
+                best = s[j];
+        }
+        /* probabilities (lanes past `visible` and hidden keys are computed, never used) */
+        __m256 mx = _mm256_set1_ps(best);
+        for (int j = 0; j < visible; j += 8)
+            _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx)));
+        float t = 0.0f;
+        for (int j = 0; j < visible; j++)
+            if (!HIDDEN(j))
+                t += s[j];
+        total[h] = t;
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(o0 + (size_t)h * D + d, _mm256_setzero_ps());
+    }
+    for (int jb = 0; jb < visible; jb += KEY_BLOCK) {
+        int je = jb + KEY_BLOCK < visible ? jb + KEY_BLOCK : visible;
+        for (int h = 0; h < G; h++) {
+            const float *s = s0 + (size_t)h * (L + 8);
+            float *o = o0 + (size_t)h * D;
+            int d0 = 0;
+            for (; d0 + 64 <= D; d0 += 64)
+                weigh64(vb, D, d0, jb, je, mrow, arow, s, o);
+            for (; d0 < D; d0 += 8)
+                weigh8(vb, D, d0, jb, je, mrow, arow, s, o);
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        __m256 inv = _mm256_set1_ps(total[h] > 0.0f ? 1.0f / total[h] : 0.0f);
+        float *o = o0 + (size_t)h * D;
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+    }
 }
 
 int rows_attention(const float *q, int H, int N, int D, long qhs, long qns, const float *k, const float *v,
@@ -157,19 +186,20 @@ int rows_attention(const float *q, int H, int N, int D, long qhs, long qns, cons
     if (D % 8 || H % KV || N > L)
         return 1;
     int group = H / KV, failed = 0;
+    /* one task per (query row, key/value head): the group's heads share its key blocks */
     #pragma omp parallel for schedule(static) num_threads(threads) reduction(|:failed)
-    for (int t = 0; t < N * H; t++) {
-        float *s = (float *)malloc(sizeof(float) * (size_t)(L + 8));     /* this row's scores */
+    for (int t = 0; t < N * KV; t++) {
+        float *s = (float *)malloc(sizeof(float) * (size_t)group * (size_t)(L + 8));   /* the heads' scores */
         if (!s) {
             failed = 1;
             continue;
         }
-        int i = t / H, h = t % H, g = h / group;
+        int i = t / KV, g = t % KV, h = g * group;
         const float *mrow = mask ? mask + (size_t)i * mns : NULL;
         const unsigned char *arow = allow ? allow + (size_t)i * ans : NULL;
         int visible = mask || allow ? L : L - N + i + 1;
-        one_row(q + h * qhs + i * qns, k + g * khs, v + g * vhs, D, visible, mrow, arow, scale,
-                out + ((size_t)i * H + h) * D, s);
+        group_row(q + h * qhs + i * qns, qhs, group, k + g * khs, v + g * vhs, D, L, visible, mrow, arow, scale,
+                  out + ((size_t)i * H + h) * D, s);
         free(s);
     }
     return failed ? 2 : 0;
