@@ -16,7 +16,6 @@
  *       entry is added to its score)
  * allow: NULL, or a boolean mask (bytes), row i at allow + i * ans: key j visible where nonzero
  *       (with neither mask, causal)
- *       (a key is visible where its entry is above -1e30; its entry is added to the score)
  * out: [N][H][D] contiguous
  */
 #include <immintrin.h>
@@ -36,8 +35,9 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
 }
 
 /* exp of eight lanes: x = n ln2 + r, a degree-6 polynomial for e^r, times 2^n; every lane is
-   computed alike, so a value does not depend on the lane it sits in. Inputs are <= 0 here
-   (score minus the row's maximum); below -87 the result is 0. */
+   computed alike, so a value does not depend on the lane it sits in. The lanes that are used
+   hold a visible key's score minus the row's maximum (<= 0); below -87 the result is 0. The
+   other lanes (hidden keys, padding past the last key) may hold anything and are never read. */
 static inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
