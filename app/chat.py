@@ -601,10 +601,14 @@ def header_markdown(studio: Studio, session: Session | None = None) -> str:
 
 
 def _kernel_words(target) -> str:
-    """The matmul kernels of the target's linear layers, in words."""
+    """The kernels of the target's linear layers (and of its attention when it is the rows
+    kernel's: then every verify forward is bit for bit the plain steps'), in words."""
+    from hass.attention import ROWS_ATTENTION
     kern = getattr(target, "kernels", "stock")
-    return {"rows": "the rows kernel (hass/rowkernel.py)", "onednn": "oneDNN's packed kernels"}.get(
-        kern, f"torch's {kern} kernels")
+    if kern == "rows":
+        both = getattr(target, "attention", None) == ROWS_ATTENTION
+        return "the rows kernel (hass/rowkernel.py)" + (" for its linear layers and attention" if both else "")
+    return {"onednn": "oneDNN's packed kernels"}.get(kern, f"torch's {kern} kernels")
 
 
 def machine_markdown(studio: Studio) -> str:

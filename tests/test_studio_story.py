@@ -363,9 +363,13 @@ def test_about_names_the_machine_the_studio_runs_on(monkeypatch):
     monkeypatch.setattr(device, "cpu_description",
                         lambda: "AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native)")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    text = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="rows")))
+    text = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="rows",
+                                                                   attention="hass_rows")))
     assert ("AMD EPYC (family 25, model 1; AVX2, no AVX-512; bf16 not native), 1 torch thread, "
-            "the rows kernel (hass/rowkernel.py).") in text
+            "the rows kernel (hass/rowkernel.py) for its linear layers and attention.") in text
+    linear_only = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="rows",
+                                                                          attention="hass_sdpa_gqa")))
+    assert "1 torch thread, the rows kernel (hass/rowkernel.py)." in linear_only
     onednn = machine_markdown(SimpleNamespace(target=SimpleNamespace(device=torch.device("cpu"), kernels="onednn")))
     assert "1 torch thread, oneDNN's packed kernels." in onednn
     assert "Cost panel" in text and "AVX2 only" in text
