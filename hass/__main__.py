@@ -456,7 +456,8 @@ def cmd_bench(args) -> int:
                           "accelerator": torch.cuda.get_device_name(target.device)
                           if target.device.type == "cuda" else None,
                           "dtype": str(target.dtype).removeprefix("torch."), "kernels": target.kernels,
-                          "attention": target.attention, "note": args.note, "load_avg_before": load_before, "load_avg_after": _load_avg(),
+                          "attention": target.attention, "note": args.note,
+                          "load_avg_before": load_before, "load_avg_after": _load_avg(),
                           "bandwidth_bytes_per_s": bandwidth, "verify_cost_curve": _cost_curve(target, trees)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": _command_line(args),

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .rowkernel import attention_kernel, rows_attention, rows_unavailable
+
 OWN_PREFIX = "hass_"                        # the names of this project's attention functions start with it
 GQA_ATTENTION = OWN_PREFIX + "sdpa_gqa"
 ROWS_ATTENTION = OWN_PREFIX + "rows"
@@ -71,7 +73,6 @@ def rows_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                                                 or attention_mask.shape[0] != 1 or attention_mask.shape[1] != 1
                                                 or attention_mask.shape[3] < key.shape[2]))):
         return gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    from .rowkernel import rows_attention
     scale = query.shape[3] ** -0.5 if scaling is None else scaling
     return rows_attention(query, key, value, attention_mask, scale, kernel), None
 
@@ -90,7 +91,6 @@ def use_rows_attention(model: torch.nn.Module, device: torch.device) -> bool:
     if (device.type != "cpu" or getattr(cfg, "_attn_implementation", None) not in ("sdpa", GQA_ATTENTION)
             or next(model.parameters()).dtype != torch.float32):
         return False
-    from .rowkernel import attention_kernel, rows_unavailable
     if rows_unavailable() is not None:
         return False
     kernel = attention_kernel()

@@ -131,23 +131,24 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def rows_kernel() -> Callable[..., None]:
-    """The compiled entry point (built on first call); RuntimeError saying why where it cannot
-    run. Callers keep it: finding it goes through the cache's path (~20 us a lookup, timed ad
-    hoc), too slow for each of the ~210 products of a forward."""
+def _entry(name: str) -> Callable:
+    """An entry point of the library (built on first call); RuntimeError saying why where it
+    cannot run. Callers keep it: finding it goes through the cache's path (~20 us a lookup,
+    timed ad hoc), too slow for each of the ~210 products of a forward."""
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"the rows kernel is not available: {lib}")
-    return lib.rows_linear
+    return getattr(lib, name)
+
+
+def rows_kernel() -> Callable[..., None]:
+    """The linear layers' entry point (`csrc/rows.c`), as `_entry`."""
+    return _entry("rows_linear")
 
 
 def attention_kernel() -> Callable[..., int]:
-    """The row-independent attention's entry point (`csrc/attend.c`; built with the linear
-    kernel); RuntimeError saying why where it cannot run."""
-    lib = _library()
-    if isinstance(lib, str):
-        raise RuntimeError(f"the rows kernel is not available: {lib}")
-    return lib.rows_attention
+    """The row-independent attention's entry point (`csrc/attend.c`), as `_entry`."""
+    return _entry("rows_attention")
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
