@@ -21,11 +21,12 @@ from torch import nn
 from transformers import LlamaConfig
 
 from .kernels import PackedLinear
+from .rowkernel import rows_attention
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
+    rotate_half,
 )
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,23 @@ def draft_config_for(target_config, **extra) -> LlamaConfig:
     return cfg
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on one [B, heads, n, D] tensor: transformers' `apply_rotary_pos_emb`
+    term for term, without the second tensor it always rotates too."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
 class DraftAttention(nn.Module):
-    """Multi-head attention with rotary positions; keys/values may be longer than queries."""
+    """Multi-head attention with rotary positions; keys/values may be longer than queries.
+
+    `rows_kernel`: the rows kernel's attention entry point (`hass.rowkernel.attention_kernel`),
+    set when the draft runs on its target's rows kernels (`hass.kernels.follow_target`); the
+    inference calls it covers (one sequence, fp32 on a CPU, a causal or boolean mask) then
+    skip SDPA's per-call set-up, and each query row is computed alone, so a packed batch's
+    rows are the single sequences' rows."""
+
+    rows_kernel = None
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -79,17 +95,28 @@ class DraftAttention(nn.Module):
         b, n, _ = x.shape
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
-        return k, v
+        return rotate(k, cos, sin), v
 
     def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """Queries from x attend over the given keys/values with an additive or boolean mask."""
+        """Queries from x attend over the given keys/values with an additive or boolean mask
+        ([B, 1, n, keys]; None: causal, query i sees keys up to keys - n + i)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        q = rotate(self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        if self._rows_call(q, k, mask):
+            return self.o_proj(rows_attention(q, k, v, mask, self.head_dim ** -0.5, self.rows_kernel).view(b, n, -1))
+        if mask is None:
+            total = k.shape[2]
+            mask = torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _rows_call(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        return (self.rows_kernel is not None and q.shape[0] == 1 and q.is_cpu and q.dtype == torch.float32
+                and k.dtype == torch.float32 and self.head_dim % 8 == 0 and q.shape[2] <= k.shape[2]
+                and not (torch.is_grad_enabled() and q.requires_grad)
+                and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[:2] == (1, 1)
+                                      and mask.shape[3] >= k.shape[2])))
 
 
 class DraftLayer(nn.Module):
@@ -148,9 +175,6 @@ class DraftHead(nn.Module):
         cos, sin = self.rotary(x, position_ids)
         k_new, v_new = self.layer.self_attn.project_kv(x, cos, sin)
         k, v = (k_new, v_new) if past is None else (torch.cat((past[0], k_new), 2), torch.cat((past[1], v_new), 2))
-        if mask is None:
-            n, total = x.shape[1], k.shape[2]
-            mask = torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
         out = self.layer.finish(x, self.layer.self_attn.attend(x, cos, sin, k, v, mask))
         return out, (k_new, v_new)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,26 +56,44 @@ class Calibrator:
         upper = torch.cat((torch.zeros(1, dtype=torch.float64), edges))
         lower = torch.cat((edges, edges[-1:] - 4.0))
         self.edges = edges
+        self._neg_edges = [-e for e in DRAFT_EDGES]          # ascending: bisect_left is bucketize(right=False)
         self.d_prior = ((upper + lower) / 2).exp()
-        self.d_off = torch.zeros_like(self.d_prior)
-        self.d_acc = torch.zeros_like(self.d_prior)
-        self.l_tried = torch.zeros(max_lookup + 1, dtype=torch.float64)    # place j reached with j - 1 accepted
-        self.l_hit = torch.zeros_like(self.l_tried)                       # ... and j accepted
+        self._d_prior = self.d_prior.tolist()
+        # the counts, as plain floats: a step adds a handful, and a tensor op on one entry
+        # costs more than the arithmetic (the tensor properties below are for reading)
+        self._d_off = [0.0] * len(self._d_prior)
+        self._d_acc = [0.0] * len(self._d_prior)
+        self._l_tried = [0.0] * (max_lookup + 1)     # place j reached with j - 1 accepted
+        self._l_hit = [0.0] * (max_lookup + 1)       # ... and j accepted
         self.prior = prior
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None    # (draft rates, lookup values) until the next count
+        # (draft rates, lookup values) as tensors and as lists, until the next count
+        self._tables: tuple[torch.Tensor, torch.Tensor, list[float], list[float]] | None = None
+
+    d_off = property(lambda self: torch.tensor(self._d_off, dtype=torch.float64))
+    d_acc = property(lambda self: torch.tensor(self._d_acc, dtype=torch.float64))
+    l_tried = property(lambda self: torch.tensor(self._l_tried, dtype=torch.float64))
+    l_hit = property(lambda self: torch.tensor(self._l_hit, dtype=torch.float64))
+
+    def _bin(self, score: float) -> int:
+        return bisect_left(self._neg_edges, -score)
 
     def _draft_bins(self, score: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(-score.double().cpu(), -self.edges, right=False)
 
-    def _rates(self, acc, off, prior) -> torch.Tensor:
-        r = (acc + self.prior * prior) / (off + self.prior)
-        return torch.cummin(r, 0).values
+    def _rates(self) -> list[float]:
+        out, low = [], float("inf")
+        for acc, off, prior in zip(self._d_acc, self._d_off, self._d_prior):
+            low = min(low, (acc + self.prior * prior) / (off + self.prior))     # monotone: a running minimum
+            out.append(low)
+        return out
 
-    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
         """The per-bin draft rates and the per-place lookup values, computed once per count
         (a step asks for them several times: every growth decision and the cut)."""
         if self._tables is None:
-            self._tables = (self._rates(self.d_acc, self.d_off, self.d_prior), self._lookup_values())
+            rates, places = self._rates(), self._lookup_values()
+            self._tables = (torch.tensor(rates, dtype=torch.float64), torch.tensor(places, dtype=torch.float64),
+                            rates, places)
         return self._tables
 
     def draft_values(self, score: torch.Tensor) -> torch.Tensor:
@@ -86,29 +105,39 @@ class Calibrator:
         the deeper places for the others)."""
         return self._cached()[1]
 
-    def _lookup_values(self) -> torch.Tensor:
-        deep = (self.l_hit[1:].sum() + self.prior * 0.5) / (self.l_tried[1:].sum() + self.prior)
-        centre = torch.cat((torch.full((1,), 0.5, dtype=torch.float64), deep.expand(self.l_tried.shape[0] - 1)))
-        rates = (self.l_hit + self.prior * centre) / (self.l_tried + self.prior)
-        return torch.cumprod(rates, 0)
+    def _lookup_values(self) -> list[float]:
+        tried, hit, prior = self._l_tried, self._l_hit, self.prior
+        deep = (sum(hit[1:]) + prior * 0.5) / (sum(tried[1:]) + prior)     # whole counts: exact in any order
+        out, value = [], 1.0
+        for j, (t, h) in enumerate(zip(tried, hit)):
+            value *= (h + prior * (0.5 if j == 0 else deep)) / (t + prior)
+            out.append(value)
+        return out
+
+    def draft_value_list(self, scores: list[float]) -> list[float]:
+        """`draft_values` for plain floats."""
+        rates = self._cached()[2]
+        return [rates[self._bin(x)] for x in scores]
+
+    def value_list(self, pool: Pool) -> list[float]:
+        """v per candidate, capped so a child never exceeds its parent (indices are
+        topological: a parent is capped before its children)."""
+        _, _, rates, places = self._cached()
+        last = len(places)
+        v: list[float] = []
+        for o, x, p, j in zip(pool.origin.tolist(), pool.score.tolist(), pool.parents.tolist(),
+                              pool.lookup_depth.tolist()):
+            value = rates[self._bin(x)] if o & DRAFT else 0.0
+            if o & LOOKUP:
+                value = max(value, places[min(max(j, 1), last) - 1])
+            if p >= 0 and v[p] < value:
+                value = v[p]
+            v.append(value)
+        return v
 
     def values(self, pool: Pool) -> torch.Tensor:
         """v per candidate (float64, CPU), capped so a child never exceeds its parent."""
-        if len(pool) == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        origin = pool.origin.cpu()
-        v = torch.zeros(len(pool), dtype=torch.float64)
-        d = (origin & DRAFT) > 0
-        v[d] = self.draft_values(pool.score.cpu()[d])
-        lk = (origin & LOOKUP) > 0
-        if lk.any():
-            places = pool.lookup_depth.cpu()[lk].clamp(1, self.l_tried.shape[0]) - 1
-            v[lk] = torch.maximum(v[lk], self.lookup_values()[places])
-        parents, depths = pool.parents.cpu(), pool.depths.cpu()
-        for depth in range(2, int(depths.max()) + 1):          # parents first: depth by depth
-            rows = (depths == depth).nonzero().flatten()
-            v[rows] = torch.minimum(v[rows], v[parents[rows]])
-        return v
+        return torch.tensor(self.value_list(pool), dtype=torch.float64)
 
     def update(self, pool: Pool, chosen: torch.Tensor, on_path: torch.Tensor, bonus: int | None = None) -> None:
         """Count the verified candidates (`chosen`, pool indices) and which were accepted.
@@ -117,34 +146,33 @@ class Calibrator:
         verified, the bonus is drawn from the target's own distribution there (its argmax
         at T = 0), so it equals an unverified lookup child x with exactly the probability
         that x would have been accepted: one more observation, one place past the cut."""
-        chosen, hit = chosen.cpu(), on_path.cpu().bool()
         self._tables = None
-        origin = pool.origin.cpu()
-        d = (origin[chosen] & DRAFT) > 0
-        if d.any():
-            bins = self._draft_bins(pool.score.cpu()[chosen][d])
-            self.d_off.index_add_(0, bins, torch.ones_like(hit[d], dtype=torch.float64))
-            self.d_acc.index_add_(0, bins, hit[d].double())
-        parents, places = pool.parents.cpu(), pool.lookup_depth.cpu()
-        accepted = torch.cat((torch.full((1,), -1, dtype=chosen.dtype), chosen[hit]))    # the root and the path
-        lk = ((origin[chosen] & LOOKUP) > 0) & torch.isin(parents[chosen], accepted)
-        if lk.any():                               # lookup places reached: their parent was accepted
-            self._count_lookup(places[chosen][lk], hit[lk])
+        origin, score = pool.origin.tolist(), pool.score.tolist()
+        parents, places = pool.parents.tolist(), pool.lookup_depth.tolist()
+        chosen, hit = chosen.tolist(), on_path.bool().tolist()
+        accepted = {-1} | {c for c, h in zip(chosen, hit) if h}        # the root and the path
+        for c, h in zip(chosen, hit):
+            if origin[c] & DRAFT:
+                b = self._bin(score[c])
+                self._d_off[b] += 1.0
+                self._d_acc[b] += float(h)
+            if origin[c] & LOOKUP and parents[c] in accepted:   # a lookup place reached: its parent was accepted
+                self._count_lookup(places[c], h)
         if bonus is None:
             return
-        end = int(accepted.max())                  # the path's last node (indices are topological)
-        if bool((parents[chosen] == end).any()):
+        end = max(accepted)                        # the path's last node (indices are topological)
+        if any(parents[c] == end for c in chosen):
             return                                 # the bonus came from a residual: not the plain draw
-        nxt = ((parents == end) & ((origin & LOOKUP) > 0)).nonzero().flatten()
-        if nxt.numel():
-            i = int(nxt[0])
-            self._count_lookup(places[i:i + 1], torch.tensor([int(pool.tokens[i]) == bonus]))
+        for i, (p, o) in enumerate(zip(parents, origin)):
+            if p == end and o & LOOKUP:
+                self._count_lookup(places[i], int(pool.tokens[i]) == bonus)
+                break
 
-    def _count_lookup(self, places: torch.Tensor, hit: torch.Tensor) -> None:
+    def _count_lookup(self, place: int, hit: bool) -> None:
         self._tables = None
-        places = places.clamp(1, self.l_tried.shape[0]) - 1
-        self.l_tried.index_add_(0, places, torch.ones_like(hit, dtype=torch.float64))
-        self.l_hit.index_add_(0, places, hit.double())
+        j = min(max(int(place), 1), len(self._l_tried)) - 1
+        self._l_tried[j] += 1.0
+        self._l_hit[j] += float(hit)
 
 
 @dataclass
@@ -163,6 +191,7 @@ class CostModel:
         self._t = torch.tensor([self.curve[k] for k in sorted(self.curve)], dtype=torch.float64)
         # the curve at every whole node count a tree can have: steps look sizes up many times
         self._table = self._interpolate(torch.arange(TABLE_SIZE + 1, dtype=torch.float64))
+        self._table_list = self._table.tolist()
 
     def _interpolate(self, n: torch.Tensor) -> torch.Tensor:
         xs, ys = self._n, self._t
@@ -180,9 +209,15 @@ class CostModel:
             return self._table[whole] * self.scale
         return self._interpolate(n) * self.scale
 
+    def at(self, n: int) -> float:
+        """`verify` of one whole node count, as a float (the fitter asks for many, one by one)."""
+        if 0 <= n <= TABLE_SIZE:
+            return self._table_list[n] * self.scale
+        return float(self._interpolate(torch.tensor(float(n), dtype=torch.float64))) * self.scale
+
     def observe(self, nodes: int, verify_s: float, levels: int, draft_s: float) -> None:
         if verify_s > 0:
-            ratio = verify_s / float(self.verify(nodes) / self.scale)
+            ratio = verify_s / (self.at(nodes) / self.scale)
             self.scale += self.alpha * (ratio - self.scale)
         if levels > 1 and draft_s > 0:        # the first depth needs no draft forward (the root's output has it)
             per = draft_s / (levels - 1)
@@ -208,12 +243,14 @@ class Fitter:
     calibrator: Calibrator = field(default_factory=Calibrator)
     max_nodes: int = 64
 
-    def _expected(self, ranked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _expected(self, ranked: list[float]) -> list[float]:
         """E(n) = 1 + the sum of the n best values (`ranked`: best first), n = 0 .. m with at
-        most max_nodes nodes in all, and the node counts n + 1 (the root included)."""
-        m = min(int(ranked.numel()), self.max_nodes - 1)
-        gains = 1.0 + torch.cat((torch.zeros(1, dtype=torch.float64), ranked[:m].cumsum(0)))
-        return gains, torch.arange(1, m + 2, dtype=torch.float64)
+        most max_nodes nodes in all (a tree of E(n) has n + 1 nodes, the root included)."""
+        gains, total = [1.0], 0.0
+        for v in ranked[:max(min(len(ranked), self.max_nodes - 1), 0)]:
+            total += v
+            gains.append(1.0 + total)
+        return gains
 
     def keep_growing(self, growth: Growth) -> bool:
         """Draft one more depth only if the best tree after it could beat the best tree now.
@@ -226,18 +263,20 @@ class Fitter:
         (E(n) + S_m) / (D + level_s + c(n + m + 1)). Where a bigger verify costs more than
         the draft's doubtful children can bring (a weak draft on a CPU whose verify cost
         climbs from 2 rows on), growth stops instead of drafting depths no tree will use."""
-        if self.cost.level_s is None:
+        cost = self.cost
+        if cost.level_s is None:
             return True
-        cal, cost = self.calibrator, self.cost
-        gains, sizes = self._expected(torch.sort(cal.draft_values(growth.all_score), descending=True).values)
+        cal = self.calibrator
+        gains = self._expected(sorted(cal.draft_value_list(growth.all_score.tolist()), reverse=True))
         drafted = cost.level_s * max(growth.grown - 1, 0)
-        now = float((gains / (drafted + cost.verify(sizes))).max())
-        f = torch.sort(cal.draft_values(growth.frontier_scores()), descending=True).values
-        extra = f.cumsum(0)                                                                   # S_m, m = 1..kf
-        more = torch.arange(1, extra.numel() + 1, dtype=torch.float64)
-        nodes = (sizes[:, None] + more[None]).clamp(max=self.max_nodes)
-        after = (gains[:, None] + extra[None]) / (drafted + cost.level_s + cost.verify(nodes))
-        return bool(after.max() > now)
+        now = max(g / (drafted + cost.at(n + 1)) for n, g in enumerate(gains))
+        extra, total = [], 0.0
+        for v in sorted(cal.draft_value_list(growth.frontier_scores().tolist()), reverse=True):
+            total += v
+            extra.append(total)                                                # S_m, m = 1..kf
+        more = drafted + cost.level_s
+        after = [more + cost.at(min(k, self.max_nodes)) for k in range(len(gains) + len(extra) + 1)]
+        return any((g + s) / after[n + m] > now for m, s in enumerate(extra, start=1) for n, g in enumerate(gains, 1))
 
     def select(self, pool: Pool, total_tokens: int | None, draft_s: float = 0.0) -> Choice:
         """The nodes to verify: the best `total_tokens - 1` (fixed), or the count that
@@ -245,19 +284,23 @@ class Fitter:
         if total_tokens is not None and not bool(((pool.origin & LOOKUP) > 0).any()):
             # EAGLE-2's cut as published: no values needed (v is monotone in the score anyway)
             return Choice(best(pool.score, total_tokens - 1).cpu(), None, 0.0, "fixed")
-        v = self.calibrator.values(pool)
-        if len(pool) == 0:
-            return Choice(torch.zeros(0, dtype=torch.long), v, 1.0, "fixed" if total_tokens else "fitted")
-        order = torch.sort(-pool.score.double().cpu(), stable=True).indices
-        order = order[torch.sort(-v[order], stable=True).indices]        # by value, ties by draft score
+        v = self.calibrator.value_list(pool)
+        if not v:
+            return Choice(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64), 1.0,
+                          "fixed" if total_tokens else "fitted")
+        score = pool.score.tolist()
+        order = sorted(range(len(v)), key=lambda i: (-v[i], -score[i]))     # by value, ties by draft score
         if total_tokens is not None:
-            n, rule = min(total_tokens - 1, len(pool)), "fixed"
+            n, rule = min(total_tokens - 1, len(v)), "fixed"
         else:
-            expected, sizes = self._expected(v[order])
-            rate = expected / (draft_s + self.cost.verify(sizes))
-            n, rule = int(rate.argmax()), "fitted"
-        sel = order[:n].sort().values
-        return Choice(sel, v, 1.0 + float(v[sel].sum()), rule)
+            best_rate, n, rule = -1.0, 0, "fitted"
+            for k, g in enumerate(self._expected([v[i] for i in order])):
+                rate = g / (draft_s + self.cost.at(k + 1))
+                if rate > best_rate:                                          # the first of equal rates
+                    best_rate, n = rate, k
+        values = torch.tensor(v, dtype=torch.float64)
+        sel = torch.tensor(sorted(order[:n]), dtype=torch.long)
+        return Choice(sel, values, 1.0 + float(values[sel].sum()), rule)
 
 
 def monotone(curve: dict[int, float]) -> dict[int, float]:

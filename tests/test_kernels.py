@@ -433,6 +433,44 @@ def test_rows_attention_leaves_what_it_does_not_cover_to_sdpa():
     assert torch.equal(own, R.rows_attention(q, k, v, None, 0.2, module._hass_rows_attention))
 
 
+@needs_rows
+def test_a_draft_on_rows_kernels_attends_on_them_as_sdpa_does(make_target, monkeypatch):
+    from hass import draft as DM
+    from hass.drafting import Drafter
+    calls = []
+    real = DM.rows_attention
+    monkeypatch.setattr(DM, "rows_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    stock = make_target(kernels="stock")
+    plain = DM.new_draft(stock.config, seed=0).eval()
+    Drafter(plain, stock.embed_tokens, stock.lm_head)
+    assert plain.layer.self_attn.rows_kernel is None                  # a stock target's draft keeps SDPA
+    target = make_target(kernels="rows")
+    draft = DM.new_draft(target.config, seed=0).eval()
+    Drafter(draft, target.embed_tokens, target.lm_head)
+    attn = draft.layer.self_attn
+    assert attn.rows_kernel is not None
+    g = torch.Generator().manual_seed(0)
+    feats, emb = torch.randn(1, 9, target.hidden_size, generator=g), torch.randn(1, 9, target.hidden_size, generator=g)
+    pos = torch.arange(9)[None]
+    tree = torch.tensor([[True, False, False], [True, True, False], [True, False, True]])    # over the last 3 keys
+    mask = torch.cat((torch.ones(3, 6, dtype=torch.bool), tree), 1)[None, None]
+    with torch.inference_mode():
+        _, past = draft(feats[:, :6], emb[:, :6], pos[:, :6])
+        for m in (None, mask):                                          # causal over a past, then a tree
+            got, _ = draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past, m)
+            kernel, attn.rows_kernel = attn.rows_kernel, None
+            want, _ = draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past, m)      # torch's SDPA
+            attn.rows_kernel = kernel
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not torch.equal(got, draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past,
+                                              None if m is not None else mask)[0])   # the mask matters
+    assert calls[:3] == [6, 3, 3]
+    calls.clear()
+    out, _ = draft(feats, emb, pos)                # training: autograd needs SDPA
+    out.sum().backward()
+    assert calls == [] and draft.fc.weight.grad is not None
+
+
 def test_targets_run_the_attention_of_their_kernels(make_target):
     from hass.attention import GQA_ATTENTION, ROWS_ATTENTION
     assert make_target(kernels="stock", heads=4, kv_heads=2).model.config._attn_implementation == GQA_ATTENTION
