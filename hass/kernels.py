@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rowkernel import attention_kernel, pack_rows, rows_kernel, rows_linear, rows_unavailable
+from .rowkernel import attention_kernel, pack_rows_exact, rows_kernel_for, rows_linear, rows_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,18 @@ class RowsLinear(PackedLinear):
         return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
                 and weight.shape[0] % 8 == 0 and rows_unavailable() is None)
 
-    @staticmethod
-    def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-        return pack_rows(weight)
+    scales: torch.Tensor | None = None
 
-    def repack(self) -> None:
-        self.kernel = rows_kernel()          # kept beside the packed weight: a lookup per product is slow
-        super().repack()
+    def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in its smallest exact stored form (`hass.rowkernel.pack_rows_exact`), with
+        the entry point that reads it kept beside it (a lookup per product is slow)."""
+        packed, self.scales = pack_rows_exact(weight)
+        self.kernel = rows_kernel_for(packed)
+        return packed
 
     def product(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return rows_linear(x, packed, None if bias is None else bias.contiguous(), self.out_features, self.kernel)
+        return rows_linear(x, packed, None if bias is None else bias.contiguous(), self.out_features, self.kernel,
+                           self.scales)
 
 
 LAYERS = {"onednn": PackedLinear, "rows": RowsLinear}

@@ -57,10 +57,9 @@ class PositionNoise:
         return g
 
     def rows(self, positions: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[len(positions), vocab]: the noise of each position (a tree's nodes share few)."""
-        uniq, where = positions.unique(return_inverse=True)
-        table = torch.stack([self.at(p, device) for p in uniq.tolist()])
-        return table[where.to(table.device)]
+        """[len(positions), vocab]: the noise of each position (a tree's nodes share few:
+        each is drawn once and copied per row)."""
+        return torch.stack([self.at(p, device) for p in positions.tolist()])
 
     def _put(self, key, value: torch.Tensor) -> None:
         self._cache[key] = value

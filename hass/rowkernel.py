@@ -12,9 +12,14 @@ Each output is one FMA chain over the input in increasing order, whatever the ro
 tiling or the threads, so row i of an N-row product is bit for bit the one-row product of row
 i: the linear layers of a verify forward give exactly what plain steps' give.
 
+A weight is packed in the smallest stored form that gives it back exactly (`pack_rows_exact`):
+int8 with a scale per 32 inputs (a dequantised GGUF Q8_0 tensor, such as the default model's
+output head), fp16, or fp32. The kernel widens it to the same fp32 value before the FMA, so the
+form changes the bytes read, never a product.
+
 The C source ships with the package and is compiled on first use with the system's C
 compiler into the cache (`HASS_CACHE/kernels`, keyed by the source, the flags and the
-compiler); it runs on x86-64 CPUs with AVX2 and FMA. Where it cannot be built or loaded,
+compiler); it runs on x86-64 CPUs with AVX2, FMA and F16C. Where it cannot be built or loaded,
 `rows_unavailable` says why and the caller keeps another kernel. Threads: OpenMP, sharing
 torch's runtime (the library's `libgomp.so.1` resolves to the one torch has loaded).
 """
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "rows.c"
 ATTENTION_SOURCE = SOURCE.with_name("attend.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-funroll-loops", "-fPIC", "-shared")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-funroll-loops", "-fPIC", "-shared")
 BLOCK = 8      # output columns per packed block
 
 
@@ -49,8 +54,11 @@ def _cpu_reason() -> str | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernel is x86-64 code (this is {platform.machine()})"
     flags = set(_cpuinfo().get("flags", "").split())
-    missing = [f for f in ("avx2", "fma") if f not in flags]
-    return f"this CPU lacks {' and '.join(missing)}" if missing else None
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
+    if not missing:
+        return None
+    return f"this CPU lacks {', '.join(missing[:-1])} and {missing[-1]}" if len(missing) > 1 else \
+        f"this CPU lacks {missing[0]}"
 
 
 def _compiler() -> str | None:
@@ -102,6 +110,14 @@ def _load(out_dir: str) -> ctypes.CDLL | str:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int]
     fn.restype = None
+    fn = lib.rows_linear_f16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int]
+    fn.restype = None
+    fn = lib.rows_linear_q8
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = None
     fn = lib.rows_attention
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
@@ -129,6 +145,48 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     if packed.data_ptr() % 32:       # the kernel loads whole 32-byte blocks (torch allocates at 64)
         raise RuntimeError("the packed weight is not 32-byte aligned")
     return packed
+
+
+Q8_GROUP = 32          # inputs per scale in the q8 form
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)))
+
+
+def pack_rows_exact(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pack_rows` in the smallest stored form that gives back every fp32 weight bit for bit:
+    int8 with an fp32 scale per 32 inputs of each output (the q8 form: w = q * d, which a GGUF
+    Q8_0 tensor dequantises to, as the default model's tied embedding and output head do), else
+    fp16 (a draft saved in fp16), else fp32. Returns (packed [N/8, K, 8] int8 / fp16 / fp32, the
+    q8 scales [N/8, K/32, 8] or None). The kernel widens the stored weight to that very fp32
+    value before its FMA: the products are the fp32 kernel's, and fewer bytes stream in."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % Q8_GROUP == 0 and _q8(w[:BLOCK]) is not None:          # a first block of rows says no cheaply
+        q8 = _q8(w)
+        if q8 is not None:
+            q, scale = q8
+            scales = scale.reshape(n // BLOCK, BLOCK, k // Q8_GROUP).transpose(1, 2).contiguous()
+            return pack_rows(q.to(torch.int8)), scales
+    if _same_bits(w[:BLOCK].half().float(), w[:BLOCK]):
+        half = w.half()
+        if _same_bits(half.float(), w):
+            return pack_rows(half), None
+    return pack_rows(w), None
+
+
+def _q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q [N, K] as floats, scales [N, K/32, 1]) with q * scale bit for bit w, or None."""
+    if not bool(torch.isfinite(w).all()):
+        return None
+    n, k = w.shape
+    blocks = w.reshape(n, k // Q8_GROUP, Q8_GROUP)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, blocks / torch.where(scale > 0, scale, 1.0), 0.0).round()
+    if bool((q.abs() <= 127).all()) and _same_bits(q * scale, blocks):
+        return q.reshape(n, k), scale
+    return None
 
 
 def _entry(name: str) -> Callable:
@@ -183,15 +241,28 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out
 
 
+def rows_kernel_for(packed: torch.Tensor) -> Callable[..., None]:
+    """The entry point that reads a packed weight of this stored form (`pack_rows_exact`)."""
+    return _entry({torch.float32: "rows_linear", torch.float16: "rows_linear_f16",
+                   torch.int8: "rows_linear_q8"}[packed.dtype])
+
+
 def rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                kernel: Callable[..., None]) -> torch.Tensor:
-    """x [..., K] (fp32, CPU) times the packed weight, plus bias: [..., N]; `kernel` from `rows_kernel`."""
+                kernel: Callable[..., None], scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (fp32, CPU) times the packed weight, plus bias: [..., N]; `kernel` from
+    `rows_kernel` (fp32) or `rows_kernel_for` (any stored form; `scales`: the q8 form's)."""
     x = x if x.is_contiguous() else x.contiguous()
     k = x.shape[-1]
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    kernel(x.data_ptr(), x.numel() // k, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
-           y.data_ptr(), torch.get_num_threads())
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if scales is None:
+        kernel(x.data_ptr(), x.numel() // k, k, packed.data_ptr(), out_features, bias_ptr, y.data_ptr(),
+               torch.get_num_threads())
+    else:
+        kernel(x.data_ptr(), x.numel() // k, k, packed.data_ptr(), scales.data_ptr(), out_features, bias_ptr,
+               y.data_ptr(), torch.get_num_threads())
     return y
 
 
-__all__ = ["attention_kernel", "pack_rows", "rows_attention", "rows_kernel", "rows_linear", "rows_unavailable"]
+__all__ = ["attention_kernel", "pack_rows", "pack_rows_exact", "rows_attention", "rows_kernel", "rows_kernel_for",
+           "rows_linear", "rows_unavailable"]

@@ -104,15 +104,24 @@ def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor,
     return scores.argmax(-1)
 
 
-def _longest_path(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
-                  choice: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The longest path whose every token is `choice` at its parent: (node indices, root
-    first; its last node)."""
-    ok = torch.ones_like(tokens, dtype=torch.bool)
-    ok[1:] = tokens[1:] == choice[parents[1:]]
-    full = (anc & ~ok[None, :]).sum(-1) == 0                # every node on the way is accepted
-    last = int(torch.where(full, depths, -1).argmax())      # at most one fully accepted node per depth
-    return anc[last].nonzero().flatten(), last               # ascending index = root-to-node order
+def _longest_path(tokens: torch.Tensor, parents: torch.Tensor, choice: torch.Tensor) -> list[int]:
+    """The longest path whose every token is `choice` at its parent (node indices, root
+    first). Nodes are topological, so one pass in index order knows each node's parent's
+    verdict; at most one node per depth is fully accepted. Plain lists: a tree has at most
+    a few dozen nodes, and tensor ops on them cost more than the walk."""
+    toks, pars, chosen = tokens.tolist(), parents.tolist(), choice.tolist()
+    ok, depth = [True], [0]
+    last = 0
+    for i in range(1, len(toks)):
+        p = pars[i]
+        ok.append(ok[p] and toks[i] == chosen[p])
+        depth.append(depth[p] + 1)
+        if ok[i] and depth[i] > depth[last]:
+            last = i
+    path = [last]
+    while pars[path[-1]] >= 0:
+        path.append(pars[path[-1]])
+    return path[::-1]
 
 
 def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
@@ -121,12 +130,7 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Ten
 
     tokens/parents/depths: [N]; anc: [N, N] ancestor mask; logits: [N, V] target logits per node.
     """
-    argmax = logits.argmax(-1)
-    path, last = _longest_path(tokens, parents, depths, anc, argmax)
-    # row path[i] of the logits predicts the token after node path[i]: the next path token, then the bonus
-    chosen = torch.cat((tokens[path[1:]], argmax[last:last + 1]))
-    p = torch.softmax(logits[path].float(), -1).gather(-1, chosen[:, None])[:, 0]
-    return Verdict(path.tolist(), int(argmax[last]), p.tolist(), argmax.tolist())
+    return _verdict(tokens, parents, logits.argmax(-1), lambda rows: torch.softmax(logits[rows].float(), -1))
 
 
 def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, anc: torch.Tensor,
@@ -138,10 +142,20 @@ def accept_coupled(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Te
     it is the bonus."""
     probs = target_probs(logits, cfg) if filtered(cfg) else None      # every row's kept set is needed then
     choice = coupled_choice(logits, cfg, noise.rows(start + 1 + depths, logits.device), probs)
-    path, last = _longest_path(tokens, parents, depths, anc, choice)
-    chosen = torch.cat((tokens[path[1:]], choice[last:last + 1]))
-    p = (target_probs(logits[path], cfg) if probs is None else probs[path]).gather(-1, chosen[:, None])[:, 0]
-    return Verdict(path.tolist(), int(choice[last]), p.tolist(), choice.tolist())
+    return _verdict(tokens, parents, choice,
+                    lambda rows: target_probs(logits[rows], cfg) if probs is None else probs[rows])
+
+
+def _verdict(tokens: torch.Tensor, parents: torch.Tensor, choice: torch.Tensor, path_probs) -> Verdict:
+    """The verdict for the target's token after every node (`choice`): the longest path of
+    chosen tokens, the bonus after it, and the target probability of each token emitted
+    (`path_probs(rows)`: the target's distributions at those node rows)."""
+    path = _longest_path(tokens, parents, choice)
+    rows = torch.tensor(path, device=tokens.device)
+    bonus = choice[path[-1]:path[-1] + 1]
+    chosen = torch.cat((tokens[rows[1:]], bonus))
+    p = path_probs(rows).gather(-1, chosen[:, None])[:, 0]
+    return Verdict(path, int(bonus), p.tolist(), choice.tolist())
 
 
 def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,

@@ -244,6 +244,56 @@ def test_rows_linear_gives_each_row_the_one_row_product_bit_for_bit():
         torch.set_num_threads(threads)
 
 
+def _q8_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A weight as a GGUF Q8_0 tensor dequantises: int8 q times an fp16 scale per 32 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    q[:, :, 0] = 127                                           # Q8_0 maps each block's largest to +-127
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02).half().float()
+    return (q * d).reshape(n, k)
+
+
+@needs_rows
+def test_rows_weights_are_stored_in_their_smallest_exact_form_and_multiply_bit_for_bit():
+    """q8 (int8 + a scale per 32 inputs) where that gives the weights back exactly, else fp16
+    where that does, else fp32; every form multiplies to the fp32 kernel's products exactly,
+    for every tile shape (row counts 1-13, a narrower last column group)."""
+    torch.manual_seed(3)
+    q8 = _q8_weight(200, 96)
+    half = torch.randn(200, 96).half().float()
+    off = q8.clone()
+    off[7, 40] = torch.nextafter(off[7, 40], torch.tensor(1.0))     # one weight a step off its q * d
+    cases = {"q8": (q8, torch.int8), "fp16": (half, torch.float16), "fp32": (torch.randn(200, 96), torch.float32),
+             "one off": (off, torch.float32), "fp32 (K not a multiple of 32)": (torch.randn(40, 13), torch.float32)}
+    fp32 = R.rows_kernel()
+    for name, (w, dtype) in cases.items():
+        packed, scales = R.pack_rows_exact(w)
+        assert packed.dtype == dtype and (scales is not None) == (dtype == torch.int8), name
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 12, 13):
+            x = torch.randn(rows, w.shape[1])
+            want = R.rows_linear(x, R.pack_rows(w), None, w.shape[0], fp32)
+            got = R.rows_linear(x, packed, None, w.shape[0], R.rows_kernel_for(packed), scales)
+            assert torch.equal(got, want), (name, rows)
+    # a zero block with a negative zero in it is not q8 (q * d would give +0): fp16 keeps the sign
+    z = q8.clone()
+    z[3, :32] = 0.0
+    z[3, 5] = -0.0
+    assert R.pack_rows_exact(z)[0].dtype != torch.int8
+    # the layer picks the form: the default model's output head is a Q8_0 tensor
+    lin = nn.Linear(96, 200, bias=True).requires_grad_(False)
+    lin.weight.copy_(q8)
+    layer = K.RowsLinear.wrap(lin)
+    assert layer.packed.dtype == torch.int8
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), R.rows_linear(x, R.pack_rows(q8), lin.bias, 200, fp32))
+    with torch.no_grad():
+        lin.weight.add_(torch.randn(200, 96))              # changed in place: packed again, now fp32
+    with torch.inference_mode():
+        assert torch.equal(layer(x), R.rows_linear(x, R.pack_rows(lin.weight), lin.bias, 200, fp32))
+    assert layer.packed.dtype == torch.float32 and layer.scales is None
+
+
 @needs_rows
 def test_rows_kernels_decode_as_the_others(make_target, oracle_draft, prompts, run):
     """A target on the rows kernel: its linear layers swapped (the weights shared), a draft
@@ -279,13 +329,15 @@ def test_rows_kernels_refused_with_the_reason(monkeypatch):
 
 
 def test_rows_kernel_build_failures_say_why(tmp_path, monkeypatch):
-    """No compiler, or a CPU without AVX2/FMA: the reason, never an exception at load time."""
+    """No compiler, or a CPU without AVX2/FMA/F16C: the reason, never an exception at load time."""
     monkeypatch.setattr(R, "_compiler", lambda: None)
     if R._cpu_reason() is None:
         assert "no C compiler" in R._load(str(tmp_path / "a"))
     monkeypatch.setattr(R, "_cpuinfo", lambda: {"flags": "sse2 avx"})
     monkeypatch.setattr(R.platform, "machine", lambda: "x86_64")
-    assert R._load(str(tmp_path / "b")) == "this CPU lacks avx2 and fma"
+    assert R._load(str(tmp_path / "b")) == "this CPU lacks avx2, fma and f16c"
+    monkeypatch.setattr(R, "_cpuinfo", lambda: {"flags": "sse2 avx avx2 fma"})        # F16C widens fp16 weights
+    assert R._load(str(tmp_path / "no-f16c")) == "this CPU lacks f16c"
     monkeypatch.setattr(R, "_library", lambda: "this CPU lacks avx2 and fma")
     with pytest.raises(RuntimeError, match="rows kernel is not available: this CPU lacks avx2"):
         R.rows_kernel()

@@ -8,9 +8,16 @@
  *
  * A tile keeps M x CB accumulators (M rows, CB column blocks of 8) in registers; the
  * blocking below keeps at most 12 of the 16 ymm registers busy with them.
+ *
+ * The packed weight may be stored in a smaller form that holds it exactly (chosen by
+ * hass.rowkernel.pack_rows_exact): fp16 (widened with F16C), or int8 with one fp32 scale per
+ * 32 inputs and output column (the q8 form, w = q * d, the weight as a GGUF Q8_0 tensor
+ * dequantises to it). Either gives the very fp32 weight in register before its FMA, so the
+ * products are bit for bit the fp32 ones; only the bytes read from memory shrink.
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* One accumulator register per (row, column block), a<m * CB + c>: named variables, not an
    array, so that gcc keeps them in registers (with an array it stored all twelve to the stack
@@ -26,34 +33,59 @@
                          bias ? _mm256_add_ps(a##i, _mm256_loadu_ps(bias + n0 + ((i) % CB) * 8)) : a##i);
 #define W(c) ((c) == 0 ? w0 : (c) == 1 ? w1 : (c) == 2 ? w2 : w3)
 
+/* column block c's 8 weights at input k, as fp32, from the stored form (KIND 0 fp32, 1 fp16, 2 q8;
+   s: the block's q8 scales for this group of 32 inputs) */
+static inline __attribute__((always_inline)) __m256 wload(const void *w, size_t off, const int KIND, __m256 s) {
+    if (KIND == 1)
+        return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)((const uint16_t *)w + off)));
+    if (KIND == 2)
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                   _mm_loadl_epi64((const __m128i *)((const int8_t *)w + off)))), s);
+    return _mm256_load_ps((const float *)w + off);
+}
+
 static inline __attribute__((always_inline)) void tile(const float *x, int ldx, const int M, int K,
-        const float *w, size_t bstride, const int CB, const float *bias, float *y, int ldy, int n0) {
+        const void *w, size_t bstride, const int CB, const float *bias, float *y, int ldy, int n0,
+        const int KIND, const float *sc, size_t sstride) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
            a9 = a0, a10 = a0, a11 = a0;
-    for (int k = 0; k < K; k++) {
-        const float *wk = w + (size_t)k * 8;
-        __m256 w0 = _mm256_load_ps(wk);
-        __m256 w1 = CB > 1 ? _mm256_load_ps(wk + bstride) : w0;
-        __m256 w2 = CB > 2 ? _mm256_load_ps(wk + 2 * bstride) : w0;
-        __m256 w3 = CB > 3 ? _mm256_load_ps(wk + 3 * bstride) : w0;
-        ACC_STEP(0) ACC_STEP(1) ACC_STEP(2) ACC_STEP(3) ACC_STEP(4) ACC_STEP(5)
-        ACC_STEP(6) ACC_STEP(7) ACC_STEP(8) ACC_STEP(9) ACC_STEP(10) ACC_STEP(11)
+    /* the q8 form's scales change every 32 inputs: held in registers for the group where the
+       accumulators leave room for them (one row), else read with each weight (one group spans
+       all of K for the other forms) */
+    const int G = KIND == 2 ? 32 : K, HOLD = KIND == 2 && M * CB + 2 * CB <= 12;
+    for (int k0 = 0; k0 < K; k0 += G) {
+        const float *sk = KIND == 2 ? sc + (size_t)(k0 >> 5) * 8 : sc;
+        __m256 s0 = HOLD ? _mm256_load_ps(sk) : _mm256_setzero_ps();
+        __m256 s1 = HOLD && CB > 1 ? _mm256_load_ps(sk + sstride) : s0;
+        __m256 s2 = HOLD && CB > 2 ? _mm256_load_ps(sk + 2 * sstride) : s0;
+        __m256 s3 = HOLD && CB > 3 ? _mm256_load_ps(sk + 3 * sstride) : s0;
+#define SCALE(c, held) (KIND != 2 ? (held) : HOLD ? (held) : _mm256_load_ps(sk + (c) * sstride))
+        for (int k = k0; k < k0 + G; k++) {
+            size_t wk = (size_t)k * 8;
+            __m256 w0 = wload(w, wk, KIND, SCALE(0, s0));
+            __m256 w1 = CB > 1 ? wload(w, wk + bstride, KIND, SCALE(1, s1)) : w0;
+            __m256 w2 = CB > 2 ? wload(w, wk + 2 * bstride, KIND, SCALE(2, s2)) : w0;
+            __m256 w3 = CB > 3 ? wload(w, wk + 3 * bstride, KIND, SCALE(3, s3)) : w0;
+            ACC_STEP(0) ACC_STEP(1) ACC_STEP(2) ACC_STEP(3) ACC_STEP(4) ACC_STEP(5)
+            ACC_STEP(6) ACC_STEP(7) ACC_STEP(8) ACC_STEP(9) ACC_STEP(10) ACC_STEP(11)
+        }
     }
     ACC_STORE(0) ACC_STORE(1) ACC_STORE(2) ACC_STORE(3) ACC_STORE(4) ACC_STORE(5)
     ACC_STORE(6) ACC_STORE(7) ACC_STORE(8) ACC_STORE(9) ACC_STORE(10) ACC_STORE(11)
 }
 
 /* a tile of MM rows x CC column blocks, as a switch case */
-#define CASE(MM, CC) case MM: tile(xm, K, MM, K, wc, bstride, CC, bias, ym, N, nc); break;
+#define CASE(MM, CC) case MM: tile(xm, K, MM, K, w, bstride, CC, bias, ym, N, nc, KIND, sc, sstride); break;
 
 /* CB column blocks of 8 starting at column n0, for all M rows: in chunks the registers hold
    (3 rows x 4 blocks, 4 x 3, 6 x 2 or 12 x 1 accumulators) */
-static void rows_block(const float *x, int M, int K, const float *w, size_t bstride, int CB,
-                       const float *bias, float *y, int N, int n0) {
+static inline __attribute__((always_inline)) void rows_block(const float *x, int M, int K, const void *w,
+        size_t bstride, int CB, const float *bias, float *y, int N, int n0, const int KIND, const float *sc,
+        size_t sstride) {
     int cap = CB == 4 ? 3 : CB == 3 ? 4 : CB == 2 ? 6 : 12;
     for (int m0 = 0; m0 < M; m0 += cap) {
         int mm = M - m0 < cap ? M - m0 : cap;
-        const float *xm = x + (size_t)m0 * K, *wc = w;
+        const float *xm = x + (size_t)m0 * K;
         float *ym = y + (size_t)m0 * N;
         int nc = n0;
         if (CB == 4) {
@@ -69,15 +101,35 @@ static void rows_block(const float *x, int M, int K, const float *w, size_t bstr
     }
 }
 
-void rows_linear(const float *x, int M, int K, const float *w, int N, const float *bias, float *y, int threads) {
-    int nb = N / 8;
-    int CB = M <= 3 ? 4 : 3;      /* column blocks per tile: 3 rows x 4, else 4 rows x 3 */
-    int groups = (nb + CB - 1) / CB;
-    size_t bstride = (size_t)K * 8;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int g = 0; g < groups; g++) {
-        int b0 = g * CB;
-        int cb = nb - b0 < CB ? nb - b0 : CB;
-        rows_block(x, M, K, w + (size_t)b0 * bstride, bstride, cb, bias, y, N, b0 * 8);
+/* y[M, N] = x[M, K] W^T + b with W packed as [N/8][K][8] in the stored form KIND (ELEM bytes a
+   weight); sc: the q8 scales, [N/8][K/32][8] (K a multiple of 32), else unused. A macro, not a
+   function, so that KIND is a literal inside each OpenMP region (a variable shared into the
+   outlined region would leave the form's branches in the inner loop). */
+#define ROWS_ENTRY(KIND, ELEM)                                                                      \
+    int nb = N / 8;                                                                                \
+    int CB = M <= 3 ? 4 : 3;      /* column blocks per tile: 3 rows x 4, else 4 rows x 3 */        \
+    int groups = (nb + CB - 1) / CB;                                                               \
+    size_t bstride = (size_t)K * 8, sstride = (size_t)(K / 32) * 8;                               \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
+    for (int g = 0; g < groups; g++) {                                                             \
+        int b0 = g * CB;                                                                           \
+        int cb = nb - b0 < CB ? nb - b0 : CB;                                                      \
+        rows_block(x, M, K, (const char *)w + (size_t)b0 * bstride * (ELEM), bstride, cb, bias, y, N, \
+                   b0 * 8, KIND, (KIND) == 2 ? sc + (size_t)b0 * sstride : sc, sstride);          \
     }
+
+void rows_linear(const float *x, int M, int K, const float *w, int N, const float *bias, float *y, int threads) {
+    const float *sc = NULL;
+    ROWS_ENTRY(0, 4)
+}
+
+void rows_linear_f16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y,
+                     int threads) {
+    const float *sc = NULL;
+    ROWS_ENTRY(1, 2)
+}
+
+void rows_linear_q8(const float *x, int M, int K, const int8_t *w, const float *sc, int N, const float *bias,
+                    float *y, int threads) {
+    ROWS_ENTRY(2, 1)
 }
