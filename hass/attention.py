@@ -54,24 +54,30 @@ except ImportError:      # pragma: no cover - older transformers
     pass
 
 
+def rows_attention_covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          mask: torch.Tensor | None) -> bool:
+    """Whether `hass.rowkernel.rows_attention` computes this call: one sequence of at most
+    ROWS_MAX_QUERIES queries, fp32 on a CPU, grouped heads, a head size in whole vectors, and
+    no mask (causal), an additive float one or a boolean one [1, 1, n, >= keys]."""
+    n = query.shape[2]
+    return (query.is_cpu and query.dtype == torch.float32 and key.dtype == torch.float32
+            and value.dtype == torch.float32 and query.shape[0] == 1 and n <= ROWS_MAX_QUERIES
+            and n <= key.shape[2] and query.shape[3] % 8 == 0 and query.shape[1] % key.shape[1] == 0
+            and (mask is None or (mask.dtype in (torch.float32, torch.bool) and mask.dim() == 4
+                                  and mask.shape[0] == 1 and mask.shape[1] == 1 and mask.shape[3] >= key.shape[2])))
+
+
 def rows_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature, on the rows kernel's attention
     (`hass.rowkernel.rows_attention`): each query row computed alone, so a verify forward's
-    row is bit for bit the one-token step's. Calls it does not cover (a batch, another dtype
-    or device, dropout, sliding windows, soft caps or sinks, a mask that is neither an additive
-    float one nor a boolean one, more than ROWS_MAX_QUERIES queries) go to `gqa_sdpa_forward`."""
+    row is bit for bit the one-token step's. Calls it does not cover (`rows_attention_covers`;
+    dropout, sliding windows, soft caps or sinks) go to `gqa_sdpa_forward`."""
     kernel = getattr(module, "_hass_rows_attention", None)
-    n = query.shape[2]
-    if (kernel is None or not query.is_cpu or query.dtype != torch.float32 or key.dtype != torch.float32
-            or value.dtype != torch.float32 or query.shape[0] != 1 or n > ROWS_MAX_QUERIES or n > key.shape[2]
-            or (dropout and module.training) or query.shape[3] % 8 or query.shape[1] % key.shape[1]
+    if (kernel is None or (dropout and module.training)
             or any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
-            or (attention_mask is not None and (attention_mask.dtype not in (torch.float32, torch.bool)
-                                                or attention_mask.dim() != 4
-                                                or attention_mask.shape[0] != 1 or attention_mask.shape[1] != 1
-                                                or attention_mask.shape[3] < key.shape[2]))):
+            or not rows_attention_covers(query, key, value, attention_mask)):
         return gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[3] ** -0.5 if scaling is None else scaling
     return rows_attention(query, key, value, attention_mask, scale, kernel), None
@@ -93,12 +99,18 @@ def use_rows_attention(model: torch.nn.Module, device: torch.device) -> bool:
         return False
     if rows_unavailable() is not None:
         return False
-    kernel = attention_kernel()
-    for module in model.modules():                  # each attention layer keeps the entry point at hand
-        if hasattr(module, "o_proj") and hasattr(module, "q_proj"):
-            module._hass_rows_attention = kernel
+    give_rows_attention(model)
     model.set_attn_implementation(ROWS_ATTENTION)
     return True
+
+
+def give_rows_attention(model: torch.nn.Module) -> None:
+    """Each attention layer of the model (a module with q_proj and o_proj) keeps the rows
+    kernel's attention entry point at hand (`_hass_rows_attention`: a lookup per call is slow)."""
+    kernel = attention_kernel()
+    for module in model.modules():
+        if hasattr(module, "o_proj") and hasattr(module, "q_proj"):
+            module._hass_rows_attention = kernel
 
 
 def use_attention(model: torch.nn.Module, device: torch.device, kernels: str) -> str:
@@ -166,5 +178,6 @@ def stock_attention(model: torch.nn.Module):
     return nullcontext()
 
 
-__all__ = ["GQA_ATTENTION", "OWN_PREFIX", "ROWS_ATTENTION", "gqa_sdpa_forward", "rows_attention_forward",
-           "stock_attention", "switched_attention", "use_attention", "use_gqa_attention", "use_rows_attention"]
+__all__ = ["GQA_ATTENTION", "OWN_PREFIX", "ROWS_ATTENTION", "give_rows_attention", "gqa_sdpa_forward",
+           "rows_attention_covers", "rows_attention_forward", "stock_attention", "switched_attention", "use_attention",
+           "use_gqa_attention", "use_rows_attention"]

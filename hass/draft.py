@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
 
+from .attention import rows_attention_covers
 from .kernels import PackedLinear
 from .rowkernel import rows_attention
 from transformers.models.llama.modeling_llama import (
@@ -73,13 +74,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class DraftAttention(nn.Module):
     """Multi-head attention with rotary positions; keys/values may be longer than queries.
 
-    `rows_kernel`: the rows kernel's attention entry point (`hass.rowkernel.attention_kernel`),
-    set when the draft runs on its target's rows kernels (`hass.kernels.follow_target`); the
-    inference calls it covers (one sequence, fp32 on a CPU, a causal or boolean mask) then
-    skip SDPA's per-call set-up, and each query row is computed alone, so a packed batch's
-    rows are the single sequences' rows."""
+    `_hass_rows_attention`: the rows kernel's attention entry point, given as to the target's
+    layers (`hass.attention.give_rows_attention`) when the draft runs on its target's rows
+    kernels (`hass.kernels.follow_target`); the inference calls it covers
+    (`hass.attention.rows_attention_covers`, with a causal or boolean mask) then skip SDPA's
+    per-call set-up, and each query row is computed alone, so a packed batch's rows are the
+    single sequences' rows."""
 
-    rows_kernel = None
+    _hass_rows_attention = None
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -103,20 +105,15 @@ class DraftAttention(nn.Module):
         ([B, 1, n, keys]; None: causal, query i sees keys up to keys - n + i)."""
         b, n, _ = x.shape
         q = rotate(self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        if self._rows_call(q, k, mask):
-            return self.o_proj(rows_attention(q, k, v, mask, self.head_dim ** -0.5, self.rows_kernel).view(b, n, -1))
+        kernel = self._hass_rows_attention
+        if (kernel is not None and not (torch.is_grad_enabled() and q.requires_grad)
+                and (mask is None or mask.dtype == torch.bool) and rows_attention_covers(q, k, v, mask)):
+            return self.o_proj(rows_attention(q, k, v, mask, self.head_dim ** -0.5, kernel).view(b, n, -1))
         if mask is None:
             total = k.shape[2]
             mask = torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-    def _rows_call(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        return (self.rows_kernel is not None and q.shape[0] == 1 and q.is_cpu and q.dtype == torch.float32
-                and k.dtype == torch.float32 and self.head_dim % 8 == 0 and q.shape[2] <= k.shape[2]
-                and not (torch.is_grad_enabled() and q.requires_grad)
-                and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[:2] == (1, 1)
-                                      and mask.shape[3] >= k.shape[2])))
 
 
 class DraftLayer(nn.Module):

@@ -55,7 +55,6 @@ class Calibrator:
         edges = torch.tensor(DRAFT_EDGES, dtype=torch.float64)
         upper = torch.cat((torch.zeros(1, dtype=torch.float64), edges))
         lower = torch.cat((edges, edges[-1:] - 4.0))
-        self.edges = edges
         self._neg_edges = [-e for e in DRAFT_EDGES]          # ascending: bisect_left is bucketize(right=False)
         self.d_prior = ((upper + lower) / 2).exp()
         self._d_prior = self.d_prior.tolist()
@@ -66,8 +65,7 @@ class Calibrator:
         self._l_tried = [0.0] * (max_lookup + 1)     # place j reached with j - 1 accepted
         self._l_hit = [0.0] * (max_lookup + 1)       # ... and j accepted
         self.prior = prior
-        # (draft rates, lookup values) as tensors and as lists, until the next count
-        self._tables: tuple[torch.Tensor, torch.Tensor, list[float], list[float]] | None = None
+        self._tables: tuple[list[float], list[float]] | None = None    # (draft rates, lookup values) until the next count
 
     d_off = property(lambda self: torch.tensor(self._d_off, dtype=torch.float64))
     d_acc = property(lambda self: torch.tensor(self._d_acc, dtype=torch.float64))
@@ -77,9 +75,6 @@ class Calibrator:
     def _bin(self, score: float) -> int:
         return bisect_left(self._neg_edges, -score)
 
-    def _draft_bins(self, score: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(-score.double().cpu(), -self.edges, right=False)
-
     def _rates(self) -> list[float]:
         out, low = [], float("inf")
         for acc, off, prior in zip(self._d_acc, self._d_off, self._d_prior):
@@ -87,23 +82,22 @@ class Calibrator:
             out.append(low)
         return out
 
-    def _cached(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    def _cached(self) -> tuple[list[float], list[float]]:
         """The per-bin draft rates and the per-place lookup values, computed once per count
         (a step asks for them several times: every growth decision and the cut)."""
         if self._tables is None:
-            rates, places = self._rates(), self._lookup_values()
-            self._tables = (torch.tensor(rates, dtype=torch.float64), torch.tensor(places, dtype=torch.float64),
-                            rates, places)
+            self._tables = (self._rates(), self._lookup_values())
         return self._tables
 
     def draft_values(self, score: torch.Tensor) -> torch.Tensor:
-        return self._cached()[0][self._draft_bins(score)]
+        """v of draft nodes with these cumulative scores (float64, CPU)."""
+        return torch.tensor(self.draft_value_list(score.tolist()), dtype=torch.float64)
 
     def lookup_values(self) -> torch.Tensor:
         """v per lookup place 1, 2, ..: the cumulative product of the continuation rates
         (each a Beta estimate centred on 1/2 for the first place and on the pooled rate of
         the deeper places for the others)."""
-        return self._cached()[1]
+        return torch.tensor(self._cached()[1], dtype=torch.float64)
 
     def _lookup_values(self) -> list[float]:
         tried, hit, prior = self._l_tried, self._l_hit, self.prior
@@ -116,13 +110,13 @@ class Calibrator:
 
     def draft_value_list(self, scores: list[float]) -> list[float]:
         """`draft_values` for plain floats."""
-        rates = self._cached()[2]
+        rates = self._cached()[0]
         return [rates[self._bin(x)] for x in scores]
 
     def value_list(self, pool: Pool) -> list[float]:
         """v per candidate, capped so a child never exceeds its parent (indices are
         topological: a parent is capped before its children)."""
-        _, _, rates, places = self._cached()
+        rates, places = self._cached()
         last = len(places)
         v: list[float] = []
         for o, x, p, j in zip(pool.origin.tolist(), pool.score.tolist(), pool.parents.tolist(),

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rowkernel import attention_kernel, pack_rows_exact, rows_kernel_for, rows_linear, rows_unavailable
+from .attention import give_rows_attention
+from .rowkernel import pack_rows_exact, rows_kernel_for, rows_linear, rows_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +222,13 @@ def apply_kernels(model: nn.Module, kernels: str, device: torch.device, dtype: t
 def follow_target(draft: nn.Module, lm_head: nn.Module) -> bool:
     """Run a draft on the kernels of its target: when the target's head is packed, pack the
     draft's linear layers with the same kernel (idempotent) and return True, so its head is
-    packed as well. On the rows kernel its attention layers (those with a `rows_kernel` slot)
-    get the rows kernel's attention too."""
+    packed as well. On the rows kernel its attention layers get the rows kernel's attention
+    too, as the target's do (`hass.attention.give_rows_attention`)."""
     if not isinstance(lm_head, PackedLinear):
         return False
     pack_linears(draft, type(lm_head))
     if type(lm_head) is RowsLinear:
-        kernel = attention_kernel()
-        for module in draft.modules():
-            if hasattr(type(module), "rows_kernel"):
-                module.rows_kernel = kernel
+        give_rows_attention(draft)
     return True
 
 

@@ -104,12 +104,11 @@ def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor,
     return scores.argmax(-1)
 
 
-def _longest_path(tokens: torch.Tensor, parents: torch.Tensor, choice: torch.Tensor) -> list[int]:
-    """The longest path whose every token is `choice` at its parent (node indices, root
+def _longest_path(toks: list[int], pars: list[int], chosen: list[int]) -> list[int]:
+    """The longest path whose every token is `chosen` at its parent (node indices, root
     first). Nodes are topological, so one pass in index order knows each node's parent's
     verdict; at most one node per depth is fully accepted. Plain lists: a tree has at most
     a few dozen nodes, and tensor ops on them cost more than the walk."""
-    toks, pars, chosen = tokens.tolist(), parents.tolist(), choice.tolist()
     ok, depth = [True], [0]
     last = 0
     for i in range(1, len(toks)):
@@ -150,12 +149,12 @@ def _verdict(tokens: torch.Tensor, parents: torch.Tensor, choice: torch.Tensor, 
     """The verdict for the target's token after every node (`choice`): the longest path of
     chosen tokens, the bonus after it, and the target probability of each token emitted
     (`path_probs(rows)`: the target's distributions at those node rows)."""
-    path = _longest_path(tokens, parents, choice)
+    choices = choice.tolist()
+    path = _longest_path(tokens.tolist(), parents.tolist(), choices)
     rows = torch.tensor(path, device=tokens.device)
-    bonus = choice[path[-1]:path[-1] + 1]
-    chosen = torch.cat((tokens[rows[1:]], bonus))
+    chosen = torch.cat((tokens[rows[1:]], choice[path[-1]:path[-1] + 1]))
     p = path_probs(rows).gather(-1, chosen[:, None])[:, 0]
-    return Verdict(path, int(bonus), p.tolist(), choice.tolist())
+    return Verdict(path, choices[path[-1]], p.tolist(), choices)
 
 
 def accept_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, cfg: SamplingConfig,

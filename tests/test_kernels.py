@@ -495,12 +495,12 @@ def test_a_draft_on_rows_kernels_attends_on_them_as_sdpa_does(make_target, monke
     stock = make_target(kernels="stock")
     plain = DM.new_draft(stock.config, seed=0).eval()
     Drafter(plain, stock.embed_tokens, stock.lm_head)
-    assert plain.layer.self_attn.rows_kernel is None                  # a stock target's draft keeps SDPA
+    assert plain.layer.self_attn._hass_rows_attention is None         # a stock target's draft keeps SDPA
     target = make_target(kernels="rows")
     draft = DM.new_draft(target.config, seed=0).eval()
     Drafter(draft, target.embed_tokens, target.lm_head)
     attn = draft.layer.self_attn
-    assert attn.rows_kernel is not None
+    assert attn._hass_rows_attention is not None
     g = torch.Generator().manual_seed(0)
     feats, emb = torch.randn(1, 9, target.hidden_size, generator=g), torch.randn(1, 9, target.hidden_size, generator=g)
     pos = torch.arange(9)[None]
@@ -510,9 +510,9 @@ def test_a_draft_on_rows_kernels_attends_on_them_as_sdpa_does(make_target, monke
         _, past = draft(feats[:, :6], emb[:, :6], pos[:, :6])
         for m in (None, mask):                                          # causal over a past, then a tree
             got, _ = draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past, m)
-            kernel, attn.rows_kernel = attn.rows_kernel, None
+            kernel, attn._hass_rows_attention = attn._hass_rows_attention, None
             want, _ = draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past, m)      # torch's SDPA
-            attn.rows_kernel = kernel
+            attn._hass_rows_attention = kernel
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert not torch.equal(got, draft(feats[:, 6:], emb[:, 6:], pos[:, 6:], past,
                                               None if m is not None else mask)[0])   # the mask matters
