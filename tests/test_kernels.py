@@ -233,7 +233,7 @@ def test_rows_linear_gives_each_row_the_one_row_product_bit_for_bit():
         with torch.inference_mode():
             torch.set_num_threads(1)
             alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-            for m in (2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 20):
+            for m in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 20):
                 assert torch.equal(layer(x[:m]), alone[:m]), m
             torch.set_num_threads(2)
             assert torch.equal(layer(x), alone)
@@ -269,7 +269,7 @@ def test_rows_weights_are_stored_in_their_smallest_exact_form_and_multiply_bit_f
     for name, (w, dtype) in cases.items():
         packed, scales = R.pack_rows_exact(w)
         assert packed.dtype == dtype and (scales is not None) == (dtype == torch.int8), name
-        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 12, 13):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13):
             x = torch.randn(rows, w.shape[1])
             want = R.rows_linear(x, R.pack_rows(w), None, w.shape[0], fp32)
             got = R.rows_linear(x, packed, None, w.shape[0], R.rows_kernel_for(packed), scales)
