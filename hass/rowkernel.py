@@ -4,9 +4,10 @@ A verify forward multiplies every weight by a handful of rows (the tree's tokens
 packed fp32 kernel, on the 2-core AVX2 EPYC this project is measured on, reads the weights
 well below the memory's speed for one row and pays each extra row as compute that does not
 overlap the reads. `csrc/rows.c` streams each weight block once, front to back, and
-multiplies it into up to twelve rows held in registers (tiles of 3 rows x 32 columns, or 4
-rows x 24). `python -m hass cost --kernels rows` and `--kernels onednn` print the two cost
-tables; `make avx2-doc` runs plain decoding on both side by side.
+multiplies it into up to twelve rows held in registers (tiles of 3 rows x 32 columns, 4 rows
+x 24 or 6 rows x 16: whichever passes over the weights fewest times for the row count).
+`python -m hass cost --kernels rows` and `--kernels onednn` print the two cost tables; `make
+avx2-doc` runs plain decoding on both side by side.
 
 Each output is one FMA chain over the input in increasing order, whatever the row count, the
 tiling or the threads, so row i of an N-row product is bit for bit the one-row product of row
