@@ -107,18 +107,13 @@ def _load(out_dir: str) -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(_build(Path(out_dir))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return str(exc)
-    fn = lib.rows_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int]
-    fn.restype = None
-    fn = lib.rows_linear_f16
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int]
-    fn.restype = None
-    fn = lib.rows_linear_q8
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = None
+    # the linear entry points: (x, M, K, w, [q8 scales,] N, bias, y, threads)
+    head = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    tail = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    for name, scales in (("rows_linear", []), ("rows_linear_f16", []), ("rows_linear_q8", [ctypes.c_void_p])):
+        fn = getattr(lib, name)
+        fn.argtypes = head + scales + tail
+        fn.restype = None
     fn = lib.rows_attention
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
