@@ -63,8 +63,8 @@ class LoopDrafter:
             self.drafters[it.row].extend(it.features[None], it.tokens[None], it.start)
 
     def grow(self, items: Sequence[GrowItem], top_k: int,
-             keep_growing: Callable[[Growth], bool] | None = None) -> dict[int, Pool]:
-        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, keep_growing, it.perturb)
+             frontier_width: Callable[[Growth], int] | None = None) -> dict[int, Pool]:
+        return {it.row: self.drafters[it.row].grow(it.root, it.prefix, top_k, it.depth, frontier_width, it.perturb)
                 for it in items}
 
 
@@ -135,7 +135,7 @@ class BatchDrafter:
 
     @torch.inference_mode()
     def grow(self, items: Sequence[GrowItem], top_k: int,
-             keep_growing: Callable[[Growth], bool] | None = None) -> dict[int, Pool]:
+             frontier_width: Callable[[Growth], int] | None = None) -> dict[int, Pool]:
         """EAGLE-2 growth per sample (`hass.candidates.Growth`, as batch 1), every depth one
         packed forward and one lm_head GEMM for all samples still growing."""
         pools: dict[int, Pool] = {}
@@ -156,8 +156,7 @@ class BatchDrafter:
                           it.perturb) for i, it in enumerate(live)]
         rows_of = {id(g): it.row for g, it in zip(growths, live)}
         while True:
-            growing = [g for g in growths if g.grown < g.depth and (keep_growing is None or
-                                                                     keep_growing(g))]
+            growing = [g for g in growths if g.goes_on(frontier_width)]
             for g in growths:
                 if g not in growing:
                     g.depth = g.grown                  # stopped: never resumed in a later round

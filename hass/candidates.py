@@ -130,6 +130,21 @@ class Growth:
     def frontier_scores(self) -> torch.Tensor:
         return self._all_score[self.frontier]
 
+    def goes_on(self, frontier_width: Callable[["Growth"], int] | None = None) -> bool:
+        """Draft another depth? Not past `depth`; `frontier_width(self)` (the fitter's) may stop
+        it (0) or expand only that many of the best-scored frontier nodes: a node whose
+        children no tree would verify is not worth its rows in the draft forward and head."""
+        if self.grown >= self.depth:
+            return False
+        if frontier_width is None:
+            return True
+        width = frontier_width(self)
+        if 0 < width < int(self.frontier.shape[0]):
+            keep = best(self.frontier_scores(), width)
+            self.frontier, self.front_feat, self.front_anc = (self.frontier[keep], self.front_feat[keep],
+                                                              self.front_anc[keep])
+        return width > 0
+
     def pool(self) -> Pool:
         dev = self._all_tok.device
         local = torch.cat(self.local).exp()

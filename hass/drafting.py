@@ -67,10 +67,11 @@ class Drafter:
 
     @torch.inference_mode()
     def grow(self, root_token: int, prefix_len: int, top_k: int, depth: int,
-             keep_growing: Callable[[Growth], bool] | None = None,
+             frontier_width: Callable[[Growth], int] | None = None,
              perturb: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Pool:
         """EAGLE-2 growth (`hass.candidates.Growth`) over this draft's cache: every candidate
-        of up to `depth` depths; `keep_growing(growth)` may stop it earlier;
+        of up to `depth` depths; `frontier_width(growth)` may stop it earlier or expand
+        fewer frontier nodes (`Growth.goes_on`);
         `perturb`: coupled sampling's draft side (`hass.noise.draft_perturbation`)."""
         dev = self.last_out.device
         if depth <= 0:
@@ -79,7 +80,7 @@ class Drafter:
         g = Growth(root_token, prefix_len, depth, top_k, root_out, self.log_probs(root_out[None])[0],
                    self.head.to_target, perturb)
         tree_kv: KV | None = None
-        while g.grown < depth and (keep_growing is None or keep_growing(g)):
+        while g.goes_on(frontier_width):
             feat, toks, block, pos = g.frontier_inputs()
             kf = int(toks.shape[0])
             mask = torch.cat((torch.ones(kf, prefix_len, dtype=torch.bool, device=dev), block), 1)

@@ -246,31 +246,40 @@ class Fitter:
             gains.append(1.0 + total)
         return gains
 
-    def keep_growing(self, growth: Growth) -> bool:
-        """Draft one more depth only if the best tree after it could beat the best tree now.
+    def frontier_width(self, growth: Growth) -> int:
+        """How many frontier nodes to draft one more depth for (the best-scored ones); 0: stop.
 
         Now: R0 = max_n E(n) / (D + c(n + 1)) over the candidates so far (values best first;
         D: the depths drafted so far at the recent seconds per depth). Another depth costs
         `level_s` and adds children whose values add up to at most their parent's (at most
-        one child is on the path), each one more node to verify; so m of them add at most
-        S_m, the m best frontier values, and R1 <= max over n, m of
-        (E(n) + S_m) / (D + level_s + c(n + m + 1)). Where a bigger verify costs more than
-        the draft's doubtful children can bring (a weak draft on a CPU whose verify cost
-        climbs from 2 rows on), growth stops instead of drafting depths no tree will use."""
+        one child is on the path), each one more node to verify; so expanding the m best
+        frontier nodes adds at most S_m, their values' sum, and
+        R1(m) <= max over n of (E(n) + S_m) / (D + level_s + c(n + m + 1)). The width is the
+        m with the best bound, if that beats R0: where a bigger verify costs more than the
+        draft's doubtful children can bring (a weak draft on a CPU whose verify cost climbs
+        from 2 rows on), growth stops instead of drafting depths no tree will use, and a
+        frontier node whose children could not pay for their rows is not expanded (each
+        costs a row of the draft forward and of its head)."""
+        width = int(growth.frontier.shape[0])
         cost = self.cost
         if cost.level_s is None:
-            return True
+            return width
         cal = self.calibrator
         gains = self._expected(sorted(cal.draft_value_list(growth.all_score.tolist()), reverse=True))
         drafted = cost.level_s * max(growth.grown - 1, 0)
-        now = max(g / (drafted + cost.at(n + 1)) for n, g in enumerate(gains))
+        best_rate = max(g / (drafted + cost.at(n + 1)) for n, g in enumerate(gains))
         extra, total = [], 0.0
         for v in sorted(cal.draft_value_list(growth.frontier_scores().tolist()), reverse=True):
             total += v
             extra.append(total)                                                # S_m, m = 1..kf
         more = drafted + cost.level_s
         after = [more + cost.at(min(k, self.max_nodes)) for k in range(len(gains) + len(extra) + 1)]
-        return any((g + s) / after[n + m] > now for m, s in enumerate(extra, start=1) for n, g in enumerate(gains, 1))
+        width = 0
+        for m, s in enumerate(extra, start=1):
+            rate = max((g + s) / after[n + m] for n, g in enumerate(gains, 1))
+            if rate > best_rate:
+                best_rate, width = rate, m
+        return width
 
     def select(self, pool: Pool, total_tokens: int | None, draft_s: float = 0.0) -> Choice:
         """The nodes to verify: the best `total_tokens - 1` (fixed), or the count that

@@ -118,9 +118,10 @@ class Proposer:
         return not self._gated or self.gate.choose()
 
     @property
-    def growth_limit(self) -> Callable[[Growth], bool] | None:
-        """The early stop for draft growth (fitted sizes only: a fixed tree grows fully)."""
-        return self.fitter.keep_growing if self.total_tokens is None else None
+    def growth_limit(self) -> Callable[[Growth], int] | None:
+        """How far draft growth goes (`Fitter.frontier_width`; fitted sizes only: a fixed tree
+        grows fully, as EAGLE-2 publishes it)."""
+        return self.fitter.frontier_width if self.total_tokens is None else None
 
     def tree(self, pool: Pool, chain: list[int] = (), draft_s: float = 0.0, max_depth: int = 64) -> TreeTensors:
         """Merge the lookup `chain` (`Proposer.chain`; at most `max_depth` tokens of it: the

@@ -151,9 +151,9 @@ def test_batched_drafter_is_used_for_a_draft_head(tiny_target, random_draft, bat
     calls = []
     original = BatchDrafter.grow
 
-    def spy(self, items, top_k, keep_growing=None):
+    def spy(self, items, top_k, frontier_width=None):
         calls.append(len(items))
-        return original(self, items, top_k, keep_growing)
+        return original(self, items, top_k, frontier_width)
     monkeypatch.setattr(BatchDrafter, "grow", spy)
     run_batch(tiny_target, random_draft, batch_prompts, GenerationConfig(max_new_tokens=8, tree=TREE), "ems", 5)
     assert calls and max(calls) == len(batch_prompts)

@@ -110,12 +110,36 @@ def test_growth_stops_where_no_tree_could_use_another_depth():
     for curve, growth, want in ((flat, confident, True), (flat, doubtful, True),
                                 (steep, confident, True), (steep, doubtful, False)):
         fitter = Fitter(CostModel(curve))
-        assert fitter.keep_growing(growth)                   # no draft time seen yet: grow
+        assert fitter.frontier_width(growth) == 4            # no draft time seen yet: grow the whole frontier
         fitter.cost.level_s = 0.1                            # a depth costs a tenth of a plain step
-        assert fitter.keep_growing(growth) == want, (curve, growth.all_score[0])
+        assert (fitter.frontier_width(growth) > 0) == want, (curve, growth.all_score[0])
     costly = Fitter(CostModel(flat))
     costly.cost.level_s = 2.0                                # negative control: a depth dearer than a step
-    assert not costly.keep_growing(confident)
+    assert costly.frontier_width(confident) == 0
+
+
+def test_growth_expands_only_the_frontier_nodes_worth_their_rows():
+    """A steep verify curve leaves the confident growth's doubtful siblings unexpanded; a flat
+    one (extra rows nearly free) expands them all. `goes_on` keeps the best-scored nodes."""
+    steep = {1: 1.0, 2: 1.0, 3: 1.3, 4: 1.35, 8: 1.45, 64: 3.0}
+    flat = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0, 64: 1.0}
+    widths = {}
+    for name, curve in (("steep", steep), ("flat", flat)):
+        fitter = Fitter(CostModel(curve))
+        fitter.cost.level_s = 0.01
+        widths[name] = fitter.frontier_width(_growth(-0.05))
+    assert 0 < widths["steep"] < 4 and widths["flat"] == 4, widths
+    growth = _growth(-0.05)
+    fitter = Fitter(CostModel(steep))
+    fitter.cost.level_s = 0.01
+    assert growth.goes_on(fitter.frontier_width)
+    assert growth.frontier.tolist() == list(range(widths["steep"]))   # the root's best children
+    feat, toks, block, _ = growth.frontier_inputs()
+    assert feat.shape[0] == toks.shape[0] == block.shape[0] == widths["steep"]
+    assert not _growth(-0.05).goes_on(lambda g: 0)
+    done = _growth(-0.05)
+    done.grown = done.depth
+    assert not done.goes_on(None)                           # never past its depth
 
 
 def _chain_pool(chain: list[int]) -> Pool:
