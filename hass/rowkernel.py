@@ -5,7 +5,8 @@ packed fp32 kernel, on the 2-core AVX2 EPYC this project is measured on, reads t
 well below the memory's speed for one row and pays each extra row as compute that does not
 overlap the reads. `csrc/rows.c` streams each weight block once, front to back, and
 multiplies it into up to twelve rows held in registers (tiles of 3 rows x 32 columns, 4 rows
-x 24 or 6 rows x 16: whichever passes over the weights fewest times for the row count).
+x 24, 6 rows x 16 or 12 x 8: whichever passes over the weights fewest times for the row count;
+the int8 form below, which pays its widening once per pass, has its own choice).
 `python -m hass cost --kernels rows` and `--kernels onednn` print the two cost tables; `make
 avx2-doc` runs plain decoding on both side by side.
 

@@ -257,7 +257,8 @@ def _q8_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def test_rows_weights_are_stored_in_their_smallest_exact_form_and_multiply_bit_for_bit():
     """q8 (int8 + a scale per 32 inputs) where that gives the weights back exactly, else fp16
     where that does, else fp32; every form multiplies to the fp32 kernel's products exactly,
-    for every tile shape (row counts 1-13, a narrower last column group)."""
+    for every tile shape (row counts 1-14 and 20: each form has its own tiling; a narrower
+    last column group)."""
     torch.manual_seed(3)
     q8 = _q8_weight(200, 96)
     half = torch.randn(200, 96).half().float()
@@ -269,7 +270,7 @@ def test_rows_weights_are_stored_in_their_smallest_exact_form_and_multiply_bit_f
     for name, (w, dtype) in cases.items():
         packed, scales = R.pack_rows_exact(w)
         assert packed.dtype == dtype and (scales is not None) == (dtype == torch.int8), name
-        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20):
             x = torch.randn(rows, w.shape[1])
             want = R.rows_linear(x, R.pack_rows(w), None, w.shape[0], fp32)
             got = R.rows_linear(x, packed, None, w.shape[0], R.rows_kernel_for(packed), scales)
