@@ -97,7 +97,7 @@ def coupled_choice(logits: torch.Tensor, cfg: SamplingConfig, g: torch.Tensor,
     top-p keep: an exact sample of `target_probs(logits, cfg)` (a softmax's normalisation does
     not move the argmax). Plain decoding and verification both choose through here; `probs`:
     those probabilities when the caller has them already (only read when filtered)."""
-    scores = logits.float() / cfg.temperature + g.to(logits.device)
+    scores = (logits.float() / cfg.temperature).add_(g.to(logits.device))   # one [rows, V] temporary, not two
     if filtered(cfg):
         probs = target_probs(logits, cfg) if probs is None else probs
         scores = scores.masked_fill(probs == 0, float("-inf"))
