@@ -260,10 +260,9 @@ class Fitter:
         from 2 rows on), growth stops instead of drafting depths no tree will use, and a
         frontier node whose children could not pay for their rows is not expanded (each
         costs a row of the draft forward and of its head)."""
-        width = int(growth.frontier.shape[0])
         cost = self.cost
-        if cost.level_s is None:
-            return width
+        if cost.level_s is None:                  # no draft time seen yet: the whole frontier
+            return int(growth.frontier.shape[0])
         cal = self.calibrator
         gains = self._expected(sorted(cal.draft_value_list(growth.all_score.tolist()), reverse=True))
         drafted = cost.level_s * max(growth.grown - 1, 0)
